@@ -1,0 +1,197 @@
+"""The ``specialists`` command line.
+
+Every subcommand turns a :class:`SpecialistsError` (bad input a user can fix) into one line on
+stderr and exit status 2; an unexpected error prints one line too, with the full traceback only
+under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import SpecialistsError
+
+log = logging.getLogger("specialists")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+
+
+# ---------------------------------------------------------------------------------------------
+# generalist
+
+
+def _generalist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        help="data source: embedded (default), embedded:k=v,..., folder:PATH or PATH, "
+        "cifar10:ROOT, cifar100:ROOT, mnist:ROOT, omniglot:DIR, fashion-mnist:DIR",
+    )
+    p.add_argument("--model", help="timm model name (default test_efficientnet)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--config", help="YAML file with any of the options below (command-line flags win)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="start from a local checkpoint (.safetensors, or torch format loaded weights-only)",
+    )
+    p.add_argument(
+        "--reset-head",
+        action="store_true",
+        default=None,
+        help="with --checkpoint: start a new classifier",
+    )
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 12)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="early stopping: epochs without a better validation accuracy (default 4)",
+    )
+    p.add_argument("--batch-size", type=int, help="default 128")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument(
+        "--input-size", type=int, help="model input size (default: the data's own; folders: 64)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help="share of train/ carved as validation when there is no val/",
+    )
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
+    p.add_argument(
+        "--force", action="store_true", help="retrain even if RUN already has a generalist"
+    )
+
+
+def _generalist(args: argparse.Namespace) -> int:
+    from specialists.config import load_config_file, merge_config
+    from train.generalist import GeneralistConfig, train_generalist
+
+    file_values = load_config_file(args.config) if args.config else {}
+    overrides = {k: getattr(args, k, None) for k in GeneralistConfig.__dataclass_fields__}
+    cfg = merge_config(GeneralistConfig, file_values, overrides, args.config or "command line")
+    record = train_generalist(cfg, args.out, progress=not args.quiet, force=args.force)
+    m = record.metrics
+    print(
+        f"generalist {record.architecture}: {record.n_classes} classes, best epoch {m['best_epoch']} of {m['epochs_run']}, "
+        f"val accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s"
+    )
+    print(f"written to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", default="embedded", help="data source (see `specialists generalist --help`)"
+    )
+    p.add_argument("--grid", help="write a PNG grid of samples (one row per class) here")
+    p.add_argument("--classes", type=int, default=20, help="classes in the grid (default 20)")
+    p.add_argument(
+        "--per-class", type=int, default=8, help="samples per class in the grid (default 8)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _data(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from train.data import load_data, parse_data_spec
+    from train.preview import save_sample_grid
+
+    bundle = load_data(parse_data_spec(args.data, seed=args.seed))
+    counts = np.bincount(bundle.train.labels, minlength=bundle.n_classes)
+    print(
+        f"{bundle.spec.describe()}: {bundle.n_classes} classes, {bundle.channels} channel(s), {bundle.image_size}x{bundle.image_size}"
+    )
+    print(
+        f"  train {len(bundle.train)}, val {len(bundle.val)}, test {len(bundle.test)} images; "
+        f"{counts.min()}-{counts.max()} train images per class"
+    )
+    if bundle.coarse is not None:
+        print(f"  known coarse groups: {int(bundle.coarse.max()) + 1}")
+    if args.grid:
+        save_sample_grid(bundle, args.grid, n_classes=args.classes, per_class=args.per_class)
+        print(f"  sample grid written to {args.grid}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "generalist": ("train the generalist over all classes", _generalist_args, _generalist),
+    "data": ("describe a data source and draw a grid of samples", _data_args, _data),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="specialists",
+        description="Specialist-ensemble image classification: generalist -> confusion clusters -> "
+        "specialists -> KL combiner.",
+    )
+    parser.add_argument("--version", action="version", version=f"specialists {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        _common(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.run(args)
+    except SpecialistsError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unforeseen environment problem: still one line
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(
+            f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(
+    os.environ.get(
+        "SPECIALISTS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+)
+
+# Tiny, fast defaults shared by the tests: 12 classes in 3 groups of 4, 16x16 images.
+TINY_DATA = "embedded:n_classes=12,n_groups=3,image_size=16,train_per_class=40,val_per_class=10,test_per_class=10"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

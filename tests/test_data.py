@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from specialists.errors import SpecialistsError
+from train.data import load_data, parse_data_spec, read_idx, stratified_split
+
+
+def _write_images(folder, n, mode="RGB", size=(20, 20), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        channels = {"RGB": 3, "RGBA": 4, "L": None}[mode]
+        shape = size[::-1] + ((channels,) if channels else ())
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+            folder / f"img{i}.png"
+        )
+
+
+def make_tree(root, classes=("cat", "dog", "émeu rouge"), n_train=10, n_test=3, val=False):
+    for j, c in enumerate(classes):
+        _write_images(root / "train" / c, n_train, mode=["RGB", "L", "RGBA"][j % 3], seed=j)
+        _write_images(root / "test" / c, n_test, seed=10 + j)
+        if val:
+            _write_images(root / "val" / c, 2, seed=20 + j)
+    return root
+
+
+def test_image_folder_carves_a_stratified_seeded_val(tmp_path):
+    root = make_tree(tmp_path / "d")
+    b = load_data(f"folder:{root}")
+    assert b.class_names == ["cat", "dog", "émeu rouge"]
+    assert b.train.images.shape[1:] == (64, 64, 3)  # decoded to the default size, all as RGB
+    assert np.array_equal(np.bincount(b.val.labels), [1, 1, 1])  # 10% of 10 per class
+    assert np.array_equal(np.bincount(b.train.labels), [9, 9, 9])
+    assert len(b.test) == 9
+    again = load_data(f"folder:{root}")
+    assert np.array_equal(again.val.images, b.val.images)
+    other = load_data(parse_data_spec(str(root), seed=1))
+    assert not np.array_equal(other.val.images, b.val.images)
+
+
+def test_image_folder_with_val_and_size(tmp_path):
+    root = make_tree(tmp_path / "d", val=True)
+    b = load_data(parse_data_spec(str(root), image_size=24))
+    assert len(b.val) == 6 and len(b.train) == 30
+    assert b.image_size == 24 and b.channels == 3
+
+
+def test_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
+    root = make_tree(tmp_path / "d")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    b = load_data(f"folder:{root}")
+    assert len(b.train) + len(b.val) == 30
+    assert "skipped 1 non-image" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: None, "data path not found"),
+        (lambda r: (r / "train").mkdir(parents=True), "no test/ folder"),
+        (lambda r: (make_tree(r), (r / "train" / "empty").mkdir()), "class folder has no images"),
+        (
+            lambda r: (
+                make_tree(r),
+                (r / "train" / "cat" / "bad.png").write_bytes(b"\x89PNG garbage"),
+            ),
+            "bad.png: unreadable image",
+        ),
+        (
+            lambda r: (make_tree(r), (r / "train" / "cat" / "zero.jpg").write_bytes(b"")),
+            "zero.jpg: unreadable image",
+        ),
+        (
+            lambda r: (make_tree(r), _write_images(r / "test" / "wolf", 1)),
+            "wolf: class not present",
+        ),
+        (lambda r: make_tree(r, classes=("only",)), "at least 2 classes"),
+    ],
+)
+def test_bad_folders_are_one_clear_error(tmp_path, breakage, message):
+    root = tmp_path / "d"
+    breakage(root)
+    with pytest.raises(SpecialistsError, match=message):
+        load_data(f"folder:{root}")
+
+
+def test_spec_parsing():
+    assert parse_data_spec("embedded").kind == "embedded"
+    s = parse_data_spec("embedded:n_classes=10,n_groups=2,stripe_contrast=0.5")
+    assert s.options == {"n_classes": 10, "n_groups": 2, "stripe_contrast": 0.5}
+    assert parse_data_spec("cifar100:/data").kind == "cifar100"
+    assert parse_data_spec("/some/folder").kind == "folder"
+    with pytest.raises(SpecialistsError, match="unknown option 'colours'"):
+        parse_data_spec("embedded:colours=3")
+    with pytest.raises(SpecialistsError, match="unknown source kind"):
+        parse_data_spec("imagenet:/x")
+
+
+def test_embedded_source_exposes_planted_groups():
+    b = load_data(
+        "embedded:n_classes=12,n_groups=3,image_size=16,train_per_class=10,val_per_class=2,test_per_class=2"
+    )
+    assert b.n_classes == 12 and b.channels == 3 and b.image_size == 16
+    assert b.coarse.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert not b.hflip  # a flip would change the class
+
+
+def test_stratified_split_keeps_every_class():
+    labels = np.repeat(np.arange(4), [2, 5, 10, 1])
+    keep, val = stratified_split(labels, 0.2, seed=0)
+    assert set(labels[val]) == {0, 1, 2}  # the single-example class stays in train
+    assert len(np.intersect1d(keep, val)) == 0 and len(keep) + len(val) == len(labels)
+
+
+def test_omniglot_from_shared_files(shared_data):
+    b = load_data(f"omniglot:{shared_data / 'omniglot'}")
+    assert b.n_classes == 964 and b.image_size == 28 and b.channels == 1
+    assert len(b.test) == 964 * 5 and len(b.train) + len(b.val) == 964 * 15
+    assert b.coarse.max() + 1 == 30 and len(b.coarse_names) == 30
+    assert b.class_names[0].startswith("Arcadian/")
+    # ink is white on a black background
+    assert b.train.images.mean() < 60
+
+
+def test_fashion_mnist_from_shared_files(shared_data):
+    b = load_data(f"fashion-mnist:{shared_data / 'fashion-mnist'}")
+    assert b.n_classes == 10 and len(b.test) == 10_000 and len(b.train) + len(b.val) == 60_000
+    assert b.class_names[0] == "T-shirt/top" and b.channels == 1
+
+
+def test_truncated_idx_is_reported(tmp_path):
+    p = tmp_path / "x-idx1-ubyte"
+    p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3]))
+    with pytest.raises(SpecialistsError, match="truncated"):
+        read_idx(p)

@@ -1,0 +1,347 @@
+"""Generalist training: any timm model over all classes, written into a run directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specialists.config import write_config
+from specialists.errors import SpecialistsError
+from specialists.io import (
+    atomic_write_text,
+    check_writable,
+    file_sha256,
+    load_json,
+    save_json,
+    save_npy,
+    save_tensors,
+)
+from specialists.models import (
+    apply_checkpoint,
+    create_model,
+    load_checkpoint_weights,
+    resolve_device,
+    set_cpu_threads,
+)
+from specialists.records import GeneralistRecord
+from specialists.run import RunDir
+
+from ._state import load_state, save_state
+from .data import DataBundle, load_data, parse_data_spec
+from .loop import (
+    build_optimizer,
+    cosine_with_warmup,
+    predict_proba,
+    shuffled_batches,
+    train_one_epoch,
+)
+from .transforms import BatchTransform
+
+__all__ = ["GeneralistConfig", "load_generalist", "train_generalist"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneralistConfig:
+    """Everything that decides a generalist; written to RUN/config.yaml."""
+
+    model: str = "test_efficientnet"
+    data: str = "embedded"
+    epochs: int = 12
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    patience: int = 4  # early stopping: epochs without a better validation accuracy
+    input_size: int | None = None  # default: the data's native size
+    val_fraction: float = 0.1
+    augment: bool = True
+    hflip: bool | None = None  # default: what the data source says makes sense
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int | None = None
+    checkpoint: str | None = None
+    reset_head: bool = False
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def make_transforms(record: GeneralistRecord) -> tuple[BatchTransform, BatchTransform]:
+    """(train, eval) transforms of a generalist record."""
+    train = BatchTransform(
+        record.mean, record.std, record.input_size, augment=True, hflip=record.hflip
+    )
+    return train, BatchTransform(record.mean, record.std, record.input_size)
+
+
+def _history_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _versions() -> dict:
+    import specialists
+
+    return {
+        "specialists": specialists.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def train_generalist(
+    cfg: GeneralistConfig,
+    out: str | Path,
+    bundle: DataBundle | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> GeneralistRecord:
+    """Train (or resume training) a generalist into ``out``; returns its record.
+
+    Validates data, model and output directory before writing anything, so bad input leaves
+    nothing half-written. Each epoch's state is saved atomically; rerunning the same command
+    after a kill resumes from the last finished epoch.
+    """
+    run = RunDir.of(out)
+    if run.generalist_record.is_file() and not force:
+        raise SpecialistsError(
+            f"{run.generalist_record}: a generalist is already trained here (use --force to retrain)"
+        )
+    check_writable(run.root)
+    if not timm.is_model(cfg.model):
+        create_model(
+            cfg.model, 2
+        )  # raises the clear "unknown timm model" error before loading data
+    spec = parse_data_spec(
+        cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, image_size=cfg.input_size
+    )
+    if bundle is None:
+        bundle = load_data(spec)
+    input_size = cfg.input_size or bundle.image_size
+    hflip = bundle.hflip if cfg.hflip is None else cfg.hflip
+    device = resolve_device(cfg.device)
+    threads = set_cpu_threads(cfg.threads) if device.type == "cpu" else None
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, bundle.n_classes, bundle.channels, input_size)
+    if cfg.checkpoint:
+        apply_checkpoint(
+            model, load_checkpoint_weights(cfg.checkpoint), cfg.checkpoint, cfg.reset_head
+        )
+    model.to(device)
+
+    mean, std = bundle.mean_std()
+    train_tf = BatchTransform(mean, std, input_size, augment=cfg.augment, hflip=hflip)
+    eval_tf = BatchTransform(mean, std, input_size)
+    images = torch.from_numpy(bundle.train.images)
+    labels = torch.from_numpy(bundle.train.labels)
+    steps_per_epoch = max(1, len(bundle.train) // cfg.batch_size)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    scheduler = cosine_with_warmup(
+        optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    )
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+
+    run.generalist_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run.config, cfg)
+    history: list[dict] = []
+    best = {"val_acc": -1.0, "epoch": 0}
+    best_state: dict[str, torch.Tensor] | None = None
+    start_epoch = 0
+    state = load_state(run.resume_dir)
+    if state is not None:
+        if state["config"] != asdict(cfg):
+            raise SpecialistsError(
+                f"{run.resume_dir}: an interrupted training with another configuration is here; use another --out or delete it"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, best_state = state["history"], state["best"], state["best_model"]
+        start_epoch = state["epoch"]
+        log.info("resuming %s from epoch %d", run.root, start_epoch)
+
+    log.info(
+        "generalist %s (%.2fM params) on %s: %d classes, %d train / %d val images, input %d, device %s%s",
+        cfg.model,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        spec.describe(),
+        bundle.n_classes,
+        len(bundle.train),
+        len(bundle.val),
+        input_size,
+        device,
+        f" ({threads} threads)" if threads else "",
+    )
+    val_images = torch.from_numpy(bundle.val.images)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch - best["epoch"] >= cfg.patience and best["epoch"] > 0:
+            log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
+            break
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seeds make a resumed run identical
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        batches = shuffled_batches(
+            len(bundle.train), cfg.batch_size, np.random.default_rng([cfg.seed, epoch])
+        )
+        stats = train_one_epoch(
+            model,
+            images,
+            batches,
+            lambda idx: labels[torch.from_numpy(idx)],
+            train_tf,
+            optimizer,
+            scheduler,
+            loss_fn,
+            device,
+            cfg.amp,
+            gen,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            progress=progress,
+        )
+        probs = predict_proba(model, val_images, eval_tf, device, cfg.eval_batch_size, cfg.amp)
+        val_acc = float((probs.argmax(1) == bundle.val.labels).mean())
+        val_loss = float(
+            -np.log(np.maximum(probs[np.arange(len(probs)), bundle.val.labels], 1e-12)).mean()
+        )
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": round(stats["train_loss"], 5),
+            "train_acc": round(stats["train_acc"], 5),
+            "val_loss": round(val_loss, 5),
+            "val_acc": round(val_acc, 5),
+            "images_per_second": round(stats["images_per_second"], 1),
+            "seconds": round(stats["seconds"], 2),
+        }
+        history.append(row)
+        log.info(
+            "epoch %d: train loss %.3f acc %.3f | val loss %.3f acc %.4f | %.0f img/s",
+            epoch + 1,
+            stats["train_loss"],
+            stats["train_acc"],
+            val_loss,
+            val_acc,
+            stats["images_per_second"],
+        )
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch + 1}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        atomic_write_text(run.history, _history_csv(history))
+        save_state(
+            run.resume_dir,
+            {
+                "config": asdict(cfg),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best": best,
+                "best_model": best_state,
+            },
+            tag=f"epoch{epoch + 1:04d}",
+        )
+    train_seconds = time.perf_counter() - t0
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    val_probs = predict_proba(model, val_images, eval_tf, device, cfg.eval_batch_size, cfg.amp)
+    test_probs = predict_proba(
+        model, bundle.test.images, eval_tf, device, cfg.eval_batch_size, cfg.amp
+    )
+    save_tensors(run.generalist_weights, model.state_dict(), {"architecture": cfg.model})
+    save_npy(run.val_probs, val_probs.astype(np.float32))
+    save_npy(run.val_labels, bundle.val.labels)
+    metrics = {
+        "val_accuracy": float((val_probs.argmax(1) == bundle.val.labels).mean()),
+        "test_accuracy": float((test_probs.argmax(1) == bundle.test.labels).mean()),
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "train_seconds": round(train_seconds, 2),
+        "n_train": len(bundle.train),
+        "n_val": len(bundle.val),
+        "n_test": len(bundle.test),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    record = GeneralistRecord(
+        architecture=cfg.model,
+        n_classes=bundle.n_classes,
+        class_names=list(bundle.class_names),
+        in_chans=bundle.channels,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        data=spec.to_dict(),
+        hflip=hflip,
+        metrics=metrics,
+        weights_sha256=file_sha256(run.generalist_weights),
+        eval_batch_size=cfg.eval_batch_size,
+        coarse=None if bundle.coarse is None else bundle.coarse.tolist(),
+        coarse_names=bundle.coarse_names,
+        versions=_versions(),
+    )
+    save_json(
+        run.generalist_record, record.to_dict()
+    )  # written last: marks the generalist complete
+    _remove_tree(run.resume_dir)
+    return record
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def load_generalist(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, GeneralistRecord]:
+    """Rebuild a run's generalist from its record and safetensors weights (nothing unpickled)."""
+    from specialists.io import load_tensors
+
+    run = RunDir.of(run_dir)
+    run.require_generalist()
+    record = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+    if file_sha256(run.generalist_weights) != record.weights_sha256:
+        raise SpecialistsError(
+            f"{run.generalist_weights}: checksum does not match {run.generalist_record} (file changed or truncated)"
+        )
+    model = create_model(record.architecture, record.n_classes, record.in_chans, record.input_size)
+    state = load_tensors(run.generalist_weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SpecialistsError(
+            f"{run.generalist_weights}: does not match {record.architecture} ({str(e).splitlines()[0]})"
+        ) from e
+    return model.to(device).eval(), record

@@ -1,0 +1,61 @@
+"""Batch transforms on the device: resize, random crop with padding, optional flip, normalise.
+
+Images stay uint8 (B, H, W, C) until they reach the device; augmenting whole batches with tensor
+ops is much faster than per-image PIL transforms for the small inputs this project targets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BatchTransform"]
+
+
+class BatchTransform:
+    """uint8 (B, H, W, C) -> normalised float (B, C, S, S)."""
+
+    def __init__(
+        self,
+        mean: list[float],
+        std: list[float],
+        input_size: int,
+        augment: bool = False,
+        hflip: bool = False,
+        pad: int | None = None,
+    ) -> None:
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.input_size = input_size
+        self.augment = augment
+        self.hflip = hflip
+        self.pad = max(1, input_size // 8) if pad is None else pad
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(
+                x,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+        if self.augment:
+            x = self._random_crop(x, generator)
+            if self.hflip:
+                flip = torch.rand(x.shape[0], generator=generator) < 0.5
+                x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def _random_crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self.pad
+        xp = F.pad(x, (p, p, p, p), mode="replicate")
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return xp[bi, ci, rows, cols]
