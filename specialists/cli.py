@@ -94,6 +94,112 @@ def _generalist(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# train (specialists)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with a generalist and clusters.json")
+    p.add_argument(
+        "--workers", type=int, help="parallel jobs (default: one per GPU, else one per CPU core)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local processes (default) or a Ray cluster",
+    )
+    p.add_argument(
+        "--ray-address", help="Ray cluster address (default: start a local Ray instance)"
+    )
+    p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3,7")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument(
+        "--config", help="YAML file with any of the options below (command-line flags win)"
+    )
+    p.add_argument("--epochs", type=int, help="maximum epochs per specialist (default 8)")
+    p.add_argument(
+        "--examples-per-epoch",
+        type=int,
+        help="default: the group's training examples / enrich fraction",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="early stopping on the specialist's validation accuracy (default 3)",
+    )
+    p.add_argument(
+        "--enrich-fraction",
+        type=float,
+        help="share of each batch drawn from the group (default 0.5)",
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument(
+        "--soft-weight", type=float, help="weight of the generalist's soft targets (default 0: off)"
+    )
+    p.add_argument("--temperature", type=float, help="soft-target temperature (default 3)")
+    p.add_argument(
+        "--trainable",
+        choices=["all", "last", "head"],
+        help="all (default); last: only the last stage and the head",
+    )
+    p.add_argument(
+        "--head-init",
+        choices=["copy", "random"],
+        help="copy the generalist's rows (default) or start fresh",
+    )
+    p.add_argument(
+        "--correction",
+        choices=["gated", "natural", "none"],
+        help="dustbin prior correction (default gated)",
+    )
+    p.add_argument("--seed", type=int)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from specialists.config import load_config_file, merge_config
+    from train.pipeline import train_specialists
+    from train.specialist import SpecialistConfig
+
+    file_values = load_config_file(args.config) if args.config else {}
+    overrides = {k: getattr(args, k, None) for k in SpecialistConfig.__dataclass_fields__}
+    cfg = merge_config(SpecialistConfig, file_values, overrides, args.config or "command line")
+    only = None
+    if args.only:
+        try:
+            only = [int(x) for x in args.only.split(",") if x.strip()]
+        except ValueError as e:
+            raise SpecialistsError(f"--only {args.only}: expected comma-separated integers") from e
+    if args.workers is not None and args.workers < 1:
+        raise SpecialistsError(f"--workers {args.workers}: must be >= 1")
+    results = train_specialists(
+        args.run,
+        cfg,
+        args.workers,
+        args.backend,
+        only,
+        args.device,
+        args.ray_address,
+        not args.quiet,
+    )
+    ok = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    skipped = sum(r.skipped for r in ok)
+    better = sum(
+        r.record.metrics["in_group_acc"] > r.record.metrics["generalist_in_group_acc"] for r in ok
+    )
+    print(
+        f"{len(ok)} of {len(results)} specialists ready ({skipped} already done); "
+        f"{better} beat the generalist inside their group on validation"
+    )
+    for r in failed:
+        print(f"  specialist {r.job.spec_id}: FAILED: {r.error}", file=sys.stderr)
+    if failed:
+        print("rerun the same command to retry the failed ones", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------
 # data
 
 
@@ -139,6 +245,7 @@ COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "generalist": ("train the generalist over all classes", _generalist_args, _generalist),
+    "train": ("train one specialist per group, in parallel", _train_args, _train),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),
 }
 
@@ -157,14 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         add_arguments(p)
         _common(p)
-        p.set_defaults(run=run)
+        p.set_defaults(_handler=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
+    if not getattr(args, "_handler", None):
         parser.print_help()
         return 2
     logging.basicConfig(
@@ -173,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return args.run(args)
+        return args._handler(args)
     except SpecialistsError as e:
         if args.debug:
             raise

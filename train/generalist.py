@@ -36,6 +36,7 @@ from specialists.models import (
 from specialists.records import GeneralistRecord
 from specialists.run import RunDir
 
+from ._faults import maybe_die
 from ._state import load_state, save_state
 from .data import DataBundle, load_data, parse_data_spec
 from .loop import (
@@ -228,6 +229,7 @@ def train_generalist(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             progress=progress,
         )
+        maybe_die("generalist", epoch + 1)
         probs = predict_proba(model, val_images, eval_tf, device, cfg.eval_batch_size, cfg.amp)
         val_acc = float((probs.argmax(1) == bundle.val.labels).mean())
         val_loss = float(
