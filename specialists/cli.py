@@ -200,6 +200,66 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# evaluate and predict
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "run", metavar="RUN", help="run directory with a generalist, clusters and specialists"
+    )
+    p.add_argument("--data", help="data source (default: the one the generalist was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument(
+        "--top-n",
+        type=int,
+        default=1,
+        help="consult the specialists of the generalist's top-n classes (default 1)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--cache-size", type=int, help="specialists kept in memory at once (default: all)"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from specialists.evaluate import evaluate_run, format_metrics
+
+    m = evaluate_run(args.run, args.data, args.split, args.top_n, args.device, args.cache_size)
+    print(format_metrics(m))
+    print(f"written to {args.run}/metrics.json and {args.run}/coverage.png")
+    return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument(
+        "--top-n", type=int, default=1, help="gating: specialists of the generalist's top-n classes"
+    )
+    p.add_argument("--device", default="auto")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from specialists.ensemble import Ensemble
+    from specialists.imageio import read_images
+
+    ens = Ensemble.load(args.run, args.device, args.top_n)
+    images = read_images(args.images, ens.record.input_size, ens.record.in_chans)
+    out = ens.run_batch(images)
+    names = ens.record.class_names
+    for path, q, consulted in zip(args.images, out.q, out.consulted):
+        top = np.argsort(-q)[: args.top_k]
+        used = ", ".join(str(i) for i in consulted) if consulted else "none (generalist only)"
+        print(f"{path}  [specialists consulted: {used}]")
+        for c in top:
+            print(f"  {q[c]:7.4f}  {names[c]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # data
 
 
@@ -246,6 +306,12 @@ COMMANDS: dict[
 ] = {
     "generalist": ("train the generalist over all classes", _generalist_args, _generalist),
     "train": ("train one specialist per group, in parallel", _train_args, _train),
+    "evaluate": (
+        "evaluate the ensemble against its generalist (the paper's metrics)",
+        _evaluate_args,
+        _evaluate,
+    ),
+    "predict": ("classify image files with the ensemble", _predict_args, _predict),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),
 }
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from specialists.errors import SpecialistsError
+from specialists.imageio import read_images
 
 from .synthetic import SyntheticConfig, generate_split, group_of_classes, synthetic_class_names
 
@@ -251,28 +252,6 @@ def _list_class_images(split_dir: Path) -> tuple[dict[str, list[Path]], int]:
     return classes, skipped
 
 
-def _decode_images(paths: list[Path], size: int) -> np.ndarray:
-    """Decode and resize images to (size, size) RGB uint8; name the file that fails."""
-    from PIL import Image, UnidentifiedImageError
-
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                im.load()
-                if im.mode in ("RGBA", "LA", "P"):
-                    im = im.convert("RGBA")
-                    canvas = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(canvas, im)
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise SpecialistsError(f"{p}: unreadable image ({type(e).__name__}: {e})") from e
-    return out
-
-
 def _load_folder(spec: DataSpec) -> DataBundle:
     root = Path(spec.path)
     if not root.is_dir():
@@ -316,7 +295,7 @@ def _load_folder(spec: DataSpec) -> DataBundle:
         labels = np.array([index[name] for name in files for _ in files[name]], dtype=np.int64)
         if not paths:
             raise SpecialistsError(f"{split_dir}: no images")
-        return ArraySplit(_decode_images(paths, size), labels)
+        return ArraySplit(read_images(paths, size, channels=3), labels)
 
     train = build(train_dir)
     test = build(root / "test")

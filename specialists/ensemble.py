@@ -1,0 +1,206 @@
+"""The ensemble at inference: gate with the generalist, run only the active specialists, combine.
+
+``Ensemble.load(RUN)`` validates every file it reads (checksums, groups, the generalist each
+specialist was trained from) and loads specialists on demand, keeping at most ``cache_size`` in
+memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .combiner import GroupIndex, combine, gate
+from .errors import SpecialistsError
+from .io import file_sha256, load_json, load_tensors
+from .models import create_model, resolve_device
+from .records import GeneralistRecord
+from .run import RunDir
+from .specialist import SpecialistRecord, group_hash
+
+__all__ = ["Ensemble", "EnsembleOutput"]
+
+log = logging.getLogger(__name__)
+
+
+class EnsembleOutput:
+    """Probabilities of one batch: ``q`` (combined), ``p_g`` (generalist), and which specialists
+    were consulted for each example."""
+
+    def __init__(self, q: np.ndarray, p_g: np.ndarray, consulted: list[list[int]]) -> None:
+        self.q, self.p_g, self.consulted = q, p_g, consulted
+
+
+class Ensemble:
+    """A generalist, its specialists and the KL combiner."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        generalist: nn.Module,
+        record: GeneralistRecord,
+        specialists: list[SpecialistRecord],
+        device: torch.device,
+        top_n: int = 1,
+        cache_size: int | None = None,
+        batch_size: int = 512,
+    ) -> None:
+        from train.generalist import make_transforms
+
+        self.run, self.generalist, self.record, self.specialists = (
+            run,
+            generalist,
+            record,
+            specialists,
+        )
+        self.device, self.top_n, self.batch_size = device, top_n, batch_size
+        self.cache_size = cache_size
+        self.groups = GroupIndex.from_lists(
+            [s.classes for s in specialists], n_classes=record.n_classes
+        ).to(device)
+        self.offsets = [
+            torch.tensor(s.logit_offset, dtype=torch.float32, device=device) for s in specialists
+        ]
+        self.transform = make_transforms(record)[1]
+        self._cache: OrderedDict[int, nn.Module] = OrderedDict()
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | Path,
+        device: str = "auto",
+        top_n: int = 1,
+        cache_size: int | None = None,
+    ) -> Ensemble:
+        from train.generalist import load_generalist
+        from train.pipeline import load_groups
+
+        run = RunDir.of(run_dir)
+        dev = resolve_device(device)
+        generalist, record = load_generalist(run.root, dev)
+        groups = load_groups(run, record.n_classes)
+        if not 1 <= top_n <= record.n_classes:
+            raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
+        specs = []
+        for i, classes in enumerate(groups):
+            rec_path = run.specialists_dir / f"{i:03d}.json"
+            weights = run.specialists_dir / f"{i:03d}.safetensors"
+            if not rec_path.is_file() or not weights.is_file():
+                raise SpecialistsError(
+                    f"{rec_path}: specialist {i} is missing (run `specialists train {run.root}`)"
+                )
+            rec = SpecialistRecord.from_dict(load_json(rec_path), rec_path)
+            if rec.generalist_sha256 != record.weights_sha256:
+                raise SpecialistsError(
+                    f"{rec_path}: trained from another generalist (rerun `specialists train {run.root}`)"
+                )
+            if rec.classes != classes or rec.group_hash != group_hash(
+                classes, record.weights_sha256
+            ):
+                raise SpecialistsError(
+                    f"{rec_path}: its classes do not match group {i} of {run.clusters} (rerun `specialists train {run.root}`)"
+                )
+            if file_sha256(weights) != rec.weights_sha256:
+                raise SpecialistsError(
+                    f"{weights}: checksum does not match {rec_path} (file changed or truncated)"
+                )
+            specs.append(rec)
+        return cls(run, generalist, record, specs, dev, top_n, cache_size)
+
+    def specialist(self, m: int) -> nn.Module:
+        """Specialist ``m``, loaded on first use; the least recently used is evicted when the
+        cache is full."""
+        if m in self._cache:
+            self._cache.move_to_end(m)
+            return self._cache[m]
+        rec = self.specialists[m]
+        path = self.run.specialists_dir / f"{rec.id:03d}.safetensors"
+        model = create_model(
+            rec.architecture, len(rec.classes) + 1, self.record.in_chans, self.record.input_size
+        )
+        try:
+            model.load_state_dict(load_tensors(path))
+        except RuntimeError as e:
+            raise SpecialistsError(
+                f"{path}: does not match a {rec.architecture} with {len(rec.classes) + 1} outputs"
+            ) from e
+        model.to(self.device).eval()
+        self._cache[m] = model
+        if self.cache_size is not None and len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return model
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def _check_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        r = self.record
+        expected = (r.input_size, r.input_size, r.in_chans)
+        x = torch.as_tensor(images)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected or x.dtype != torch.uint8:
+            raise SpecialistsError(
+                f"expected uint8 images of shape (N, {', '.join(map(str, expected))}), got {x.dtype} {tuple(x.shape)}"
+            )
+        return x
+
+    @torch.no_grad()
+    def generalist_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = self._check_images(images)
+        out = [
+            torch.softmax(
+                self.generalist(self.transform(x[i : i + self.batch_size].to(self.device))).float(),
+                1,
+            ).cpu()
+            for i in range(0, len(x), self.batch_size)
+        ]
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def run_batch(self, images: np.ndarray | torch.Tensor) -> EnsembleOutput:
+        """Generalist once, each active specialist only on the inputs that activate it, combiner."""
+        x_all = self._check_images(images)
+        qs, pgs, consulted = [], [], []
+        for start in range(0, len(x_all), self.batch_size):
+            x = self.transform(x_all[start : start + self.batch_size].to(self.device))
+            p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
+            pairs = gate(p_g, self.groups, self.top_n)
+            outputs = []
+            for m, rows in enumerate(pairs.per_specialist(len(self.specialists))):
+                if len(rows):
+                    logits = self.specialist(m)(x[rows]).float() + self.offsets[m]
+                    outputs.append(torch.softmax(logits, 1))
+            q = combine(p_g, outputs, pairs, self.groups) if outputs else p_g
+            by_row: list[list[int]] = [[] for _ in range(len(x))]
+            for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
+                by_row[r].append(self.specialists[s].id)
+            qs.append(q.cpu())
+            pgs.append(p_g.cpu())
+            consulted.extend(by_row)
+        return EnsembleOutput(torch.cat(qs).numpy(), torch.cat(pgs).numpy(), consulted)
+
+    def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Combined probabilities (N, K) for uint8 images (N, H, W, C) at the run's input size."""
+        return self.run_batch(images).q
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.predict_proba(images).argmax(1)
+
+    def throughput(self, images: np.ndarray, repeats: int = 1) -> tuple[float, float]:
+        """Images per second of the generalist alone and of the whole ensemble, on ``images``."""
+        self.generalist_proba(images[: self.batch_size])  # warm up both paths
+        self.run_batch(images[: self.batch_size])
+        t = time.perf_counter()
+        for _ in range(repeats):
+            self.generalist_proba(images)
+        g = repeats * len(images) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            self.run_batch(images)
+        return g, repeats * len(images) / (time.perf_counter() - t)

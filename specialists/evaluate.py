@@ -1,0 +1,185 @@
+"""The paper's metrics: accuracy, conditional accuracy, and the breakdown by coverage (Table 4)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SpecialistsError
+from .io import atomic_path, save_json
+from .run import RunDir
+
+__all__ = ["ensemble_metrics", "evaluate_run", "format_metrics", "plot_coverage"]
+
+log = logging.getLogger(__name__)
+
+
+def ensemble_metrics(
+    p_g: np.ndarray, q: np.ndarray, labels: np.ndarray, groups: list[list[int]]
+) -> dict:
+    """Metrics of the generalist (``p_g``) and the ensemble (``q``) on labelled examples.
+
+    Conditional accuracy (the paper's): only the examples whose true class is covered by some
+    specialist, the prediction restricted to the classes of the specialists covering it.
+    """
+    n, k = p_g.shape
+    member = np.zeros((len(groups), k), dtype=bool)
+    for m, g in enumerate(groups):
+        member[m, g] = True
+    cover = member[:, labels].T  # (N, M): specialist m covers example i's true class
+    n_cover = cover.sum(1)
+    correct_g = p_g.argmax(1) == labels
+    correct_e = q.argmax(1) == labels
+    covered = n_cover > 0
+    allowed = (
+        cover.astype(np.float32) @ member.astype(np.float32)
+    ) > 0  # (N, K) union of covering groups
+    cond_g = np.where(allowed, p_g, -1).argmax(1) == labels
+    cond_e = np.where(allowed, q, -1).argmax(1) == labels
+    err_g, err_e = 1 - correct_g.mean(), 1 - correct_e.mean()
+    rows = []
+    for c in range(int(n_cover.max()) + 1 if n else 1):
+        sel = n_cover == c
+        if not sel.any():
+            continue
+        base = int(correct_g[sel].sum())
+        delta = int(correct_e[sel].sum()) - base
+        rows.append(
+            {
+                "n_specialists": c,
+                "n_examples": int(sel.sum()),
+                "delta_correct": delta,
+                "relative_change": round(delta / base, 5) if base else None,
+            }
+        )
+    return {
+        "n_test": int(n),
+        "n_specialists": len(groups),
+        "generalist_accuracy": round(float(correct_g.mean()), 5),
+        "ensemble_accuracy": round(float(correct_e.mean()), 5),
+        "relative_error_reduction": round(float((err_g - err_e) / err_g), 5) if err_g > 0 else None,
+        "n_covered": int(covered.sum()),
+        "generalist_conditional_accuracy": round(float(cond_g[covered].mean()), 5)
+        if covered.any()
+        else None,
+        "ensemble_conditional_accuracy": round(float(cond_e[covered].mean()), 5)
+        if covered.any()
+        else None,
+        "coverage_breakdown": rows,
+    }
+
+
+def format_metrics(m: dict) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    lines = [
+        f"{'':28s}{'generalist':>12s}{'ensemble':>12s}",
+        f"{'test accuracy':28s}{pct(m['generalist_accuracy']):>12s}{pct(m['ensemble_accuracy']):>12s}",
+        f"{'conditional accuracy':28s}{pct(m['generalist_conditional_accuracy']):>12s}{pct(m['ensemble_conditional_accuracy']):>12s}",
+    ]
+    if "generalist_images_per_second" in m:
+        lines.append(
+            f"{'images / second':28s}{m['generalist_images_per_second']:>12.0f}{m['ensemble_images_per_second']:>12.0f}"
+        )
+    rer = m.get("relative_error_reduction")
+    lines.append(
+        f"relative error reduction: {pct(rer)}  ({m['n_test']} test examples, {m['n_specialists']} specialists, top-{m.get('top_n', 1)} gating)"
+    )
+    lines.append("")
+    lines.append(
+        f"{'covered by':>10s}{'examples':>10s}{'delta correct':>15s}{'relative change':>17s}"
+    )
+    for r in m["coverage_breakdown"]:
+        rel = "-" if r["relative_change"] is None else f"{100 * r['relative_change']:+.1f}%"
+        lines.append(
+            f"{r['n_specialists']:>10d}{r['n_examples']:>10d}{r['delta_correct']:>+15d}{rel:>17s}"
+        )
+    return "\n".join(lines)
+
+
+def plot_coverage(m: dict, path: str | Path) -> None:
+    """Bars of the relative accuracy change by the number of specialists covering the class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = m["coverage_breakdown"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = list(range(len(rows)))
+    ys = [100 * (r["relative_change"] or 0.0) for r in rows]
+    ax.set_xticks(xs, [str(r["n_specialists"]) for r in rows])
+    bars = ax.bar(xs, ys, color=["#999999" if r["n_specialists"] == 0 else "#3b75af" for r in rows])
+    for b, r in zip(bars, rows):
+        ax.annotate(
+            f"{r['n_examples']} ex.\n{r['delta_correct']:+d}",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom" if b.get_height() >= 0 else "top",
+            fontsize=8,
+        )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("specialists covering the true class")
+    ax.set_ylabel("relative change in correct (%)")
+    ax.set_title(
+        f"ensemble {100 * m['ensemble_accuracy']:.2f}% vs generalist {100 * m['generalist_accuracy']:.2f}%"
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None = None,
+    split: str = "test",
+    top_n: int = 1,
+    device: str = "auto",
+    cache_size: int | None = None,
+) -> dict:
+    """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``."""
+    from train.data import DataSpec, load_data, parse_data_spec
+
+    from .ensemble import Ensemble
+
+    run = RunDir.of(run_dir)
+    ens = Ensemble.load(run.root, device, top_n, cache_size)
+    spec = (
+        parse_data_spec(data, seed=ens.record.data["seed"], image_size=ens.record.input_size)
+        if data
+        else DataSpec.from_dict(ens.record.data)
+    )
+    bundle = load_data(spec)
+    if bundle.class_names != ens.record.class_names:
+        raise SpecialistsError(
+            f"{spec.describe()}: its classes differ from the run's generalist ({bundle.n_classes} vs {ens.record.n_classes})"
+        )
+    part = bundle.split(split)
+    images = part.images
+    if images.shape[1] != ens.record.input_size:
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=(ens.record.input_size,) * 2, mode="bilinear", antialias=True)
+        images = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    out = ens.run_batch(images)
+    m = ensemble_metrics(out.p_g, out.q, part.labels, [s.classes for s in ens.specialists])
+    g_ips, e_ips = ens.throughput(images[: min(len(images), 2048)])
+    m.update(
+        {
+            "split": split,
+            "data": spec.describe(),
+            "top_n": top_n,
+            "generalist_images_per_second": round(g_ips, 1),
+            "ensemble_images_per_second": round(e_ips, 1),
+            "mean_specialists_consulted": round(float(np.mean([len(c) for c in out.consulted])), 3),
+        }
+    )
+    save_json(run.metrics, m)
+    plot_coverage(m, run.root / "coverage.png")
+    return m

@@ -1,0 +1,151 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from specialists.cli import main
+from specialists.ensemble import Ensemble
+from specialists.errors import SpecialistsError
+from specialists.evaluate import ensemble_metrics
+from specialists.io import save_json
+from specialists.run import RunDir
+from train.data import load_data
+from train.pipeline import train_specialists
+from train.specialist import SpecialistConfig
+
+from .conftest import TINY_DATA
+from .test_specialists import GROUPS, run_dir  # noqa: F401  (the shared tiny run fixture)
+
+REQUIRED_KEYS = {
+    "n_test",
+    "generalist_accuracy",
+    "ensemble_accuracy",
+    "generalist_conditional_accuracy",
+    "ensemble_conditional_accuracy",
+    "coverage_breakdown",
+    "generalist_images_per_second",
+    "ensemble_images_per_second",
+}
+
+
+def test_metrics_by_hand():
+    # 4 classes; one specialist on {0, 1}; class 3 uncovered.
+    p_g = np.array(
+        [[0.5, 0.4, 0.05, 0.05], [0.3, 0.2, 0.45, 0.05], [0.1, 0.1, 0.1, 0.7], [0.2, 0.2, 0.5, 0.1]]
+    )
+    q = np.array(
+        [[0.3, 0.6, 0.05, 0.05], [0.5, 0.1, 0.35, 0.05], [0.1, 0.1, 0.1, 0.7], [0.2, 0.2, 0.5, 0.1]]
+    )
+    labels = np.array([1, 0, 3, 1])
+    m = ensemble_metrics(p_g, q, labels, [[0, 1]])
+    assert m["generalist_accuracy"] == 0.25  # only example 2
+    assert m["ensemble_accuracy"] == 0.75  # examples 0, 1, 2
+    assert m["relative_error_reduction"] == pytest.approx((0.75 - 0.25) / 0.75, abs=1e-5)
+    # covered: examples 0, 1, 3; restricted to {0, 1}: generalist right on 1 only; ensemble on 0, 1
+    assert m["n_covered"] == 3
+    assert m["generalist_conditional_accuracy"] == pytest.approx(1 / 3, abs=1e-5)
+    assert m["ensemble_conditional_accuracy"] == pytest.approx(2 / 3, abs=1e-5)
+    rows = {r["n_specialists"]: r for r in m["coverage_breakdown"]}
+    assert rows[0] == {
+        "n_specialists": 0,
+        "n_examples": 1,
+        "delta_correct": 0,
+        "relative_change": 0.0,
+    }
+    assert (
+        rows[1]["n_examples"] == 3
+        and rows[1]["delta_correct"] == 2
+        and rows[1]["relative_change"] is None
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(run_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ens") / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists"))
+    train_specialists(
+        out,
+        SpecialistConfig(epochs=2, batch_size=32, examples_per_epoch=256),
+        workers=1,
+        progress=False,
+    )
+    return out
+
+
+def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
+    ens = Ensemble.load(trained_run)
+    images = load_data(TINY_DATA).test.images[:20]
+    out = ens.run_batch(images)
+    assert out.q.shape == (20, 12) and np.allclose(out.q.sum(1), 1, atol=1e-5)
+    one_by_one = np.concatenate([ens.predict_proba(images[i : i + 1]) for i in range(20)])
+    assert np.allclose(one_by_one, out.q, atol=1e-5)
+    # every example consults exactly the specialist of its generalist's top class (top-1 gating)
+    top = out.p_g.argmax(1)
+    assert out.consulted == [[int(t) // 4] for t in top]
+    small_cache = Ensemble.load(trained_run, cache_size=1)
+    assert np.allclose(small_cache.predict_proba(images), out.q, atol=1e-6)
+    with pytest.raises(SpecialistsError, match="expected uint8 images of shape"):
+        ens.predict_proba(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+
+
+def test_evaluate_writes_the_metrics(trained_run, capsys):
+    assert main(["evaluate", str(trained_run), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "conditional accuracy" in printed and "covered by" in printed
+    m = json.loads(RunDir.of(trained_run).metrics.read_text())
+    assert set(m) >= REQUIRED_KEYS
+    assert m["n_test"] == 120 and sum(r["n_examples"] for r in m["coverage_breakdown"]) == 120
+    assert (RunDir.of(trained_run).root / "coverage.png").stat().st_size > 1000
+    assert main(["evaluate", str(trained_run), "--top-n", "2", "--quiet"]) == 0
+
+
+def _broken_copy(src, dst, breakage):
+    shutil.copytree(src, dst)
+    breakage(RunDir.of(dst))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: (r.specialists_dir / "001.json").unlink(), "specialist 1 is missing"),
+        (
+            lambda r: (r.specialists_dir / "002.safetensors").write_bytes(b"\x00" * 10),
+            "002.safetensors: checksum does not match",
+        ),
+        (
+            lambda r: save_json(
+                r.clusters,
+                {"groups": [{"classes": [0, 1, 2]}, *({"classes": g} for g in GROUPS[1:])]},
+            ),
+            "do not match group 0",
+        ),
+        (
+            lambda r: (r.specialists_dir / "000.json").write_text("{not json"),
+            "000.json: not valid JSON",
+        ),
+        (lambda r: r.clusters.unlink(), "no clusters in this run"),
+    ],
+)
+def test_broken_runs_are_one_clear_error(trained_run, tmp_path, capsys, breakage, message):
+    run = _broken_copy(trained_run, tmp_path / "broken", breakage)
+    assert main(["evaluate", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_predict_prints_classes_and_specialists(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    img = load_data(TINY_DATA).test.images[0]
+    Image.fromarray(img).resize((40, 40)).save(tmp_path / "a b é.png")  # any size; resized
+    assert (
+        main(["predict", str(trained_run), str(tmp_path / "a b é.png"), "--top-k", "3", "--quiet"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "specialists consulted:" in out and len(out.strip().splitlines()) == 4
+    (tmp_path / "bad.png").write_bytes(b"")
+    assert main(["predict", str(trained_run), str(tmp_path / "bad.png"), "--quiet"]) == 2
+    assert "bad.png: unreadable image" in capsys.readouterr().err
