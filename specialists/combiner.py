@@ -1,0 +1,661 @@
+"""The KL combiner of a generalist and its specialists (Hinton, Vinyals & Dean 2015, section 5).
+
+For one input, the generalist gives ``p_g`` over all K classes and every *active* specialist m
+gives ``p_m`` over its group S_m plus a dustbin that stands for every class outside S_m. The
+combined distribution q over the K classes minimises
+
+    w_g KL(p_g || q) + sum over active m of w_m KL(p_m || A_m q),
+
+where ``A_m q`` is q seen by specialist m: q_c for c in S_m and the mass of q outside S_m for the
+dustbin. Weights default to 1, which is the paper's equation. The paper minimises this by gradient
+descent on the logits of q; it is a convex "grouped multinomial" problem, so the EM fixed point
+
+    q_c <- (w_g p_g(c) + sum_{m: c in S_m} w_m p_m(c) + sum_{m: c not in S_m} w_m d_m q_c / Q_m)
+           / (w_g + sum_m w_m),        d_m = p_m(dustbin),  Q_m = sum of q outside S_m,
+
+solves it exactly, batched and in a few dozen cheap iterations (``solve_em``). ``solve_gd`` keeps
+the paper's method as a reference for tests and benchmarks.
+
+Representation. Only the active (example, specialist) pairs are stored, each with its |S_m|
+probabilities at compact class indices: memory is O(B K + sum over pairs of |S_m|), never
+O(B M K).
+
+Typical use (the ensemble)::
+
+    groups = GroupIndex.from_lists(group_lists, n_classes=K)
+    pairs = gate(p_g, groups, top_n=1)
+    outputs = [                        # softmax outputs, (n_m, |S_m| + 1) each:
+        specialist_probs(m, x[rows])   # the classes of S_m in ascending order, then the dustbin
+        for m, rows in enumerate(pairs.per_specialist(len(groups)))
+        if len(rows)
+    ]
+    q = combine(p_g, outputs, pairs, groups)  # (B, K)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ActivePairs",
+    "CombineResult",
+    "GDResult",
+    "GroupIndex",
+    "combine",
+    "default_tol",
+    "gate",
+    "objective",
+    "solve_em",
+    "solve_gd",
+]
+
+# Cap on the EM ratio w_m d_m / Q_m, in units of the example's total weight D = w_g + sum w_m.
+# At the optimum Q_m >= w_m d_m / D, so the ratio is <= D and the cap never binds there. It binds
+# only while Q_m is vanishingly small (a generalist that puts ~0 outside S_m): EM still multiplies
+# the outside mass by up to 1e6 per step to escape, and the float64 cancellation in
+# "row's ratios - ratios of the groups holding c" stays ~1e-10, below any tolerance used.
+_RATIO_CAP = 1e6
+
+SpecProbs = Tensor | Sequence[Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Groups and gating
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class GroupIndex:
+    """M class groups over K classes, in two forms: concatenated sorted index lists (for the
+    combiner) and a boolean membership matrix (for gating). Groups may overlap; a class may be
+    in no group."""
+
+    n_classes: int
+    members: Tensor  # (G,) long: sorted classes of group 0, then group 1, ...
+    offsets: Tensor  # (M + 1,) long: group m is members[offsets[m]:offsets[m + 1]]
+    membership: Tensor  # (M, K) bool
+
+    @classmethod
+    def from_lists(
+        cls,
+        groups: Sequence[Sequence[int]],
+        n_classes: int,
+        device: torch.device | str | None = None,
+    ) -> GroupIndex:
+        """Build from one list of class indices per group. Each group is sorted: a specialist's
+        outputs must list its classes in ascending order, then the dustbin."""
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be positive, got {n_classes}")
+        lists = []
+        for m, group in enumerate(groups):
+            classes = sorted(int(c) for c in group)
+            if not classes:
+                raise ValueError(f"group {m} is empty")
+            if classes[0] < 0 or classes[-1] >= n_classes:
+                raise ValueError(f"group {m} has a class outside [0, {n_classes})")
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"group {m} lists a class twice")
+            lists.append(classes)
+        sizes = torch.tensor([len(c) for c in lists], dtype=torch.long)
+        offsets = torch.zeros(len(lists) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(sizes, 0)
+        members = torch.tensor([c for g in lists for c in g], dtype=torch.long)
+        membership = torch.zeros(len(lists), n_classes, dtype=torch.bool)
+        membership[torch.repeat_interleave(torch.arange(len(lists)), sizes), members] = True
+        return cls(n_classes, members.to(device), offsets.to(device), membership.to(device))
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def n_groups(self) -> int:
+        return len(self)
+
+    @property
+    def sizes(self) -> Tensor:
+        """(M,) long: |S_m|."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def coverage(self) -> Tensor:
+        """(K,) long: how many groups contain each class (0 = covered by no specialist)."""
+        return self.membership.sum(0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members.device
+
+    def group(self, m: int) -> list[int]:
+        """The sorted classes of group m."""
+        return self.members[self.offsets[m] : self.offsets[m + 1]].tolist()
+
+    def to_lists(self) -> list[list[int]]:
+        return [self.group(m) for m in range(len(self))]
+
+    def to(self, device: torch.device | str) -> GroupIndex:
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return GroupIndex(
+            self.n_classes,
+            self.members.to(device),
+            self.offsets.to(device),
+            self.membership.to(device),
+        )
+
+
+class ActivePairs(NamedTuple):
+    """The active (example, specialist) pairs, ``rows[a]`` being the example and ``specs[a]``
+    the specialist of pair a. ``gate`` returns them sorted by specialist, then row."""
+
+    rows: Tensor  # (A,) long
+    specs: Tensor  # (A,) long
+
+    @property
+    def n_pairs(self) -> int:
+        return self.rows.numel()
+
+    def per_specialist(self, n_groups: int) -> list[Tensor]:
+        """Rows of each specialist, a list of M LongTensors (empty for an idle specialist).
+        Running specialist m on ``x[rows_m]`` and concatenating the non-empty outputs in
+        specialist order gives the rows of ``spec_probs`` in pair order."""
+        if self.specs.numel() > 1 and bool((self.specs[1:] < self.specs[:-1]).any()):
+            raise ValueError("pairs must be sorted by specialist (as gate() returns them)")
+        counts = torch.bincount(self.specs, minlength=n_groups)
+        if counts.numel() > n_groups:
+            raise ValueError(f"a specialist index is >= n_groups={n_groups}")
+        return list(torch.split(self.rows, counts.tolist()))
+
+
+def gate(p_g: Tensor, groups: GroupIndex, top_n: int = 1) -> ActivePairs:
+    """Active pairs: specialist m is active for example b when one of the generalist's top-n
+    classes for b is in S_m (the paper uses n = 1). Ties in p_g are broken by ``torch.topk``."""
+    if p_g.dim() != 2 or p_g.shape[1] != groups.n_classes:
+        raise ValueError(f"p_g must be (B, {groups.n_classes}), got {tuple(p_g.shape)}")
+    if not 1 <= top_n <= groups.n_classes:
+        raise ValueError(f"top_n must be in [1, {groups.n_classes}], got {top_n}")
+    membership = groups.to(p_g.device).membership  # (M, K)
+    top = p_g.topk(top_n, dim=1).indices  # (B, n)
+    active = membership[:, top].any(dim=2)  # (M, B)
+    specs, rows = active.nonzero(as_tuple=True)  # row-major: sorted by spec, then row
+    return ActivePairs(rows, specs)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing the active pairs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Packed:
+    """One combination problem restricted to the R examples that have an active specialist.
+
+    Entries are the (pair, class in its group) slots, E = sum over pairs of |S_m|; U <= E are
+    the distinct (row, class) positions they touch."""
+
+    p_g: Tensor  # (B, K)
+    w_g: float
+    act_rows: Tensor  # (R,) long: rows of p_g with >= 1 active pair
+    pair_row: Tensor  # (A,) long in [0, R)
+    pair_w: Tensor  # (A,) float64: w_m of each pair
+    dust: Tensor  # (A,) float64: d_m of each pair
+    entry_pair: Tensor  # (E,) long in [0, A)
+    entry_flat: Tensor  # (E,) long: position in the flattened (R, K) array
+    entry_prob: Tensor  # (E,) p_g.dtype: p_m(c)
+    entry_u: Tensor  # (E,) long in [0, U)
+    u_flat: Tensor  # (U,) long: distinct positions in the flattened (R, K) array
+    u_row: Tensor  # (U,) long in [0, R)
+
+    @property
+    def n_active_rows(self) -> int:
+        return self.act_rows.numel()
+
+    def inside_mass(self, q: Tensor) -> Tensor:
+        """(A,) float64: mass of q inside each pair's group; q is (R, K)."""
+        q_e = q.reshape(-1)[self.entry_flat].double()  # (E,)
+        inside = torch.zeros(self.pair_row.numel(), dtype=torch.float64, device=q.device)
+        return inside.index_add_(0, self.entry_pair, q_e)
+
+    def spec_terms(self, q: Tensor, logq: Tensor) -> Tensor:
+        """(R,) float64: sum over active pairs of w_m KL(p_m || A_m q); q, logq are (R, K)."""
+        n_rows = q.shape[0]
+        p_e = self.entry_prob.double()
+        lq_e = logq.reshape(-1)[self.entry_flat].double()  # (E,)
+        ent = torch.xlogy(p_e, p_e) - torch.where(p_e > 0, p_e * lq_e, torch.zeros_like(lq_e))
+        per_pair = torch.zeros(self.pair_row.numel(), dtype=torch.float64, device=q.device)
+        per_pair = per_pair.index_add(0, self.entry_pair, ent)  # (A,)
+        total = q.double().sum(1)  # (R,)
+        outside = (total[self.pair_row] - self.inside_mass(q)).clamp_min(0.0)  # (A,)
+        d = self.dust
+        log_out = torch.log(outside)
+        per_pair = per_pair + torch.xlogy(d, d) - torch.where(d > 0, d * log_out, 0.0)
+        out = torch.zeros(n_rows, dtype=torch.float64, device=q.device)
+        return out.index_add(0, self.pair_row, self.pair_w * per_pair)
+
+
+def _flatten_spec_probs(
+    spec_probs: SpecProbs, sizes: Tensor, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(E,) probabilities inside the groups and (A,) dustbin probabilities, from either a padded
+    (A, L) tensor or a sequence of (n_i, |S|+1) blocks stacked in pair order."""
+    n_pairs = sizes.numel()
+    if isinstance(spec_probs, Tensor):
+        probs = spec_probs.to(device=device, dtype=dtype)
+        if probs.dim() != 2 or probs.shape[0] != n_pairs:
+            raise ValueError(
+                f"spec_probs must be (A={n_pairs}, L) with L >= max |S_m| + 1, "
+                f"got {tuple(probs.shape)}"
+            )
+        if n_pairs == 0:
+            return probs.new_zeros(0), probs.new_zeros(0)
+        if probs.shape[1] < int(sizes.max()) + 1:
+            raise ValueError(
+                f"spec_probs has {probs.shape[1]} columns; an active specialist needs "
+                f"{int(sizes.max()) + 1} (|S_m| classes then the dustbin)"
+            )
+        cols = torch.arange(probs.shape[1], device=device)
+        inside = probs[cols[None, :] < sizes[:, None]]  # (E,) row-major: pair by pair
+        dust = probs.gather(1, sizes[:, None]).squeeze(1)  # (A,)
+        return inside, dust
+    blocks = [torch.as_tensor(b).to(device=device, dtype=dtype) for b in spec_probs]
+    if any(b.dim() != 2 for b in blocks):
+        raise ValueError("each block of spec_probs must be 2-D (n_rows, |S_m| + 1)")
+    blocks = [b for b in blocks if b.shape[0] > 0]
+    n_rows = sum(b.shape[0] for b in blocks)
+    if n_rows != n_pairs:
+        raise ValueError(f"spec_probs blocks hold {n_rows} rows for {n_pairs} active pairs")
+    if n_pairs == 0:
+        empty = torch.zeros(0, dtype=dtype, device=device)
+        return empty, empty
+    widths = torch.tensor([b.shape[1] for b in blocks], device=device)
+    counts = torch.tensor([b.shape[0] for b in blocks], device=device)
+    if bool((torch.repeat_interleave(widths, counts) != sizes + 1).any()):
+        raise ValueError(
+            "a spec_probs block's width is not |S_m| + 1 for the specialist of its pairs "
+            "(blocks must follow pair order, as pairs.per_specialist() gives it)"
+        )
+    inside = torch.cat([b[:, :-1].reshape(-1) for b in blocks])
+    dust = torch.cat([b[:, -1] for b in blocks])
+    return inside, dust
+
+
+def _pack(
+    p_g: Tensor,
+    spec_probs: SpecProbs,
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    spec_weights: Tensor | Sequence[float] | None,
+    generalist_weight: float,
+) -> _Packed:
+    if p_g.dim() != 2 or p_g.shape[1] != groups.n_classes:
+        raise ValueError(f"p_g must be (B, {groups.n_classes}), got {tuple(p_g.shape)}")
+    if not p_g.is_floating_point():
+        raise ValueError(f"p_g must be a floating-point tensor, got {p_g.dtype}")
+    if not generalist_weight > 0:
+        raise ValueError(f"generalist_weight must be positive, got {generalist_weight}")
+    device, dtype = p_g.device, p_g.dtype
+    n_rows, n_classes = p_g.shape
+    groups = groups.to(device)
+    rows = pairs.rows.to(device=device, dtype=torch.long)
+    specs = pairs.specs.to(device=device, dtype=torch.long)
+    if rows.shape != specs.shape or rows.dim() != 1:
+        raise ValueError("pairs.rows and pairs.specs must be 1-D and of equal length")
+    if rows.numel() and (
+        int(rows.min()) < 0
+        or int(rows.max()) >= n_rows
+        or int(specs.min()) < 0
+        or int(specs.max()) >= len(groups)
+    ):
+        raise ValueError(f"a pair is out of range (B={n_rows}, M={len(groups)})")
+
+    if spec_weights is None:
+        weights = torch.ones(len(groups), dtype=torch.float64, device=device)
+    else:
+        weights = torch.as_tensor(spec_weights, dtype=torch.float64).to(device)
+        if weights.shape != (len(groups),):
+            raise ValueError(
+                f"spec_weights must have one weight per group ({len(groups)}), "
+                f"got shape {tuple(weights.shape)}"
+            )
+        if bool((weights < 0).any()):
+            raise ValueError("spec_weights must be non-negative")
+
+    sizes = groups.sizes[specs]  # (A,)
+    inside, dust = _flatten_spec_probs(spec_probs, sizes, dtype, device)
+    n_pairs = rows.numel()
+    entry_pair = torch.repeat_interleave(torch.arange(n_pairs, device=device), sizes)  # (E,)
+    starts = torch.cumsum(sizes, 0) - sizes  # (A,)
+    local = torch.arange(entry_pair.numel(), device=device) - starts[entry_pair]  # (E,)
+    entry_class = groups.members[groups.offsets[specs][entry_pair] + local]  # (E,)
+    act_rows, pair_row = torch.unique(rows, return_inverse=True)  # (R,), (A,)
+    entry_flat = pair_row[entry_pair] * n_classes + entry_class  # (E,)
+    u_flat, entry_u = torch.unique(entry_flat, return_inverse=True)  # (U,), (E,)
+    return _Packed(
+        p_g=p_g,
+        w_g=float(generalist_weight),
+        act_rows=act_rows,
+        pair_row=pair_row,
+        pair_w=weights[specs],
+        dust=dust.double(),
+        entry_pair=entry_pair,
+        entry_flat=entry_flat,
+        entry_prob=inside,
+        entry_u=entry_u,
+        u_flat=u_flat,
+        u_row=u_flat // n_classes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# EM solver, objective, gradient-descent reference
+# --------------------------------------------------------------------------------------------
+
+
+class CombineResult(NamedTuple):
+    """q (B, K) in p_g's dtype; n_iter: EM updates done (the most any example needed, 0 when
+    no pair is active); converged: every example's last change was <= tol."""
+
+    q: Tensor
+    n_iter: int
+    converged: bool
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Stopping tolerance on the max abs change of q: near the rounding noise of the dtype."""
+    return 1e-7 if torch.finfo(dtype).eps > 1e-10 else 1e-9
+
+
+def _em(packed: _Packed, tol: float, max_iter: int) -> CombineResult:
+    """EM on the touched positions only.
+
+    For an example b, call *touched* the classes in at least one of its active groups (the U
+    positions) and *free* the rest. A free class gets no specialist probability and the same
+    dustbin factor as every other free class, so from q = p_g it stays q_c = alpha_b p_g(c): the
+    free classes are carried by one scale alpha_b per example. An iteration then costs
+    O(E + U + R) instead of O(R K), and runs in float64 whatever the input dtype."""
+    p_g = packed.p_g
+    q_full = p_g.clone()
+    if packed.n_active_rows == 0:
+        return CombineResult(q_full, 0, True)
+    f64, device = torch.float64, p_g.device
+    n_rows, n_pairs, n_u = packed.n_active_rows, packed.pair_row.numel(), packed.u_flat.numel()
+    u_row, pair_row, entry_pair, entry_u = (
+        packed.u_row,
+        packed.pair_row,
+        packed.entry_pair,
+        packed.entry_u,
+    )
+
+    def per_row(values: Tensor) -> Tensor:  # (U,) -> (R,) sums
+        return torch.zeros(n_rows, dtype=f64, device=device).index_add_(0, u_row, values)
+
+    free = p_g[packed.act_rows].contiguous()  # (R, K) a copy: p_g on the free classes below
+    pg_u = free.view(-1)[packed.u_flat].double()  # (U,)
+    w_e = packed.pair_w[entry_pair] * packed.entry_prob.double()  # (E,)
+    base_u = packed.w_g * pg_u
+    base_u = base_u.index_add(0, entry_u, w_e)  # (U,) w_g p_g(c) + sum_{c in S_m} w_m p_m(c)
+    free.view(-1)[packed.u_flat] = 0
+    free_pg = free.sum(1, dtype=f64)  # (R,) summed directly: no cancellation
+    free_pg = torch.where(free_pg > 1e-300, free_pg, 0.0)  # alpha stays finite
+    free_max = free.amax(1).double()  # (R,) largest free p_g(c): bounds their changes
+    wd = packed.pair_w * packed.dust  # (A,) w_m d_m
+    # A group of all K classes leaves its dustbin nowhere to go: its term is constant in q.
+    wd = torch.where(torch.bincount(entry_pair, minlength=n_pairs) == p_g.shape[1], 0.0, wd)
+    total_w = torch.full((n_rows,), packed.w_g, dtype=f64, device=device)
+    total_w.index_add_(0, pair_row, packed.pair_w)  # (R,) D = w_g + sum w_m
+    ratio_cap = _RATIO_CAP * total_w.index_select(0, pair_row)  # (A,)
+
+    def em_map(q_u: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One EM update of every active row: (U,), (R,) -> (U,), (R,), and (R,) bool: the
+        rows where a ratio hit its cap, hence still far from the optimum."""
+        inside = torch.zeros(n_pairs, dtype=f64, device=device)
+        inside.index_add_(0, entry_pair, q_u.index_select(0, entry_u))  # (A,) mass inside S_m
+        row_mass = alpha * free_pg + per_row(q_u)  # (R,)
+        out_mass = (row_mass.index_select(0, pair_row) - inside).clamp_min(1e-300)  # (A,) Q_m
+        ratio = torch.minimum(wd / out_mass, ratio_cap)  # (A,) w_m d_m / Q_m
+        capped = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        capped.index_fill_(0, pair_row[ratio >= ratio_cap], True)  # (R,)
+        ratio_row = torch.zeros(n_rows, dtype=f64, device=device)
+        ratio_row.index_add_(0, pair_row, ratio)  # (R,)
+        ratio_in = torch.zeros(n_u, dtype=f64, device=device)
+        ratio_in.index_add_(0, entry_u, ratio.index_select(0, entry_pair))  # (U,)
+        # Dustbin share of class c: q_c times the ratios of the row's pairs whose group misses c.
+        coef = (ratio_row.index_select(0, u_row) - ratio_in).clamp_min(0.0)  # (U,)
+        new_u = base_u + q_u * coef
+        new_alpha = packed.w_g + alpha * ratio_row  # (R,) free classes: p_g(c) times this
+        new_alpha = torch.where(free_pg > 0, new_alpha, 0.0)  # no free mass: keep it finite
+        norm = new_alpha * free_pg + per_row(new_u)  # (R,) = w_g + sum w_m, up to rounding
+        return new_u / norm.index_select(0, u_row), new_alpha / norm, capped
+
+    q_u, alpha = pg_u, torch.ones(n_rows, dtype=f64, device=device)  # start at q = p_g
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007
+        new_u, new_alpha, capped = em_map(q_u, alpha)
+        change = torch.zeros(n_rows, dtype=f64, device=device)
+        change.scatter_reduce_(0, u_row, (new_u - q_u).abs(), reduce="amax")
+        change = torch.maximum(change, (new_alpha - alpha).abs() * free_max)  # (R,)
+        # Finished examples stay put, so an example's answer does not depend on its batch.
+        q_u = torch.where(done.index_select(0, u_row), q_u, new_u)
+        alpha = torch.where(done, alpha, new_alpha)
+        done |= (change <= tol) & ~capped
+        if bool(done.all()):
+            break
+    converged = bool(done.all())
+    if not converged:
+        logger.warning(
+            "EM combiner stopped at max_iter=%d with %d of %d examples above tol=%g",
+            max_iter,
+            int((~done).sum()),
+            n_rows,
+            tol,
+        )
+    q_rows = free.mul_(alpha.to(p_g.dtype)[:, None])  # (R, K) free classes: alpha_b p_g(c)
+    q_rows.view(-1)[packed.u_flat] = q_u.to(p_g.dtype)
+    q_full[packed.act_rows] = q_rows
+    return CombineResult(q_full, n_iter, converged)
+
+
+def solve_em(
+    p_g: Tensor,
+    spec_probs: SpecProbs,
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    *,
+    spec_weights: Tensor | Sequence[float] | None = None,
+    generalist_weight: float = 1.0,
+    tol: float | None = None,
+    max_iter: int = 500,
+) -> CombineResult:
+    """Minimise w_g KL(p_g || q) + sum over active pairs of w_m KL(p_m || A_m q) for every
+    example of the batch by the EM fixed point, started at q = p_g.
+
+    Inputs (see ``combine``). Each example stops when the max abs change of its q is <= tol
+    (default ``default_tol(p_g.dtype)``), so its result does not depend on the rest of the
+    batch; examples with no active pair get exactly p_g. Zeros of p_g outside every active
+    group stay zero (a fixed point of EM), so pass softmax outputs, which are positive.
+    Iterates in float64 on the classes of the active groups only; returns p_g's dtype."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    packed = _pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+    with torch.no_grad():
+        return _em(packed, default_tol(p_g.dtype) if tol is None else tol, max_iter)
+
+
+def combine(
+    p_g: Tensor,
+    spec_probs: SpecProbs,
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    *,
+    spec_weights: Tensor | Sequence[float] | None = None,
+    generalist_weight: float = 1.0,
+    tol: float | None = None,
+    max_iter: int = 500,
+) -> Tensor:
+    """The combined distribution q (B, K) of a generalist and its active specialists.
+
+    - p_g: (B, K) generalist probabilities (softmax outputs; float32 or float64, any device).
+    - pairs: the active (row, specialist) pairs, usually ``gate(p_g, groups, top_n)``.
+    - spec_probs: for each pair a, in pair order, specialist ``pairs.specs[a]``'s distribution
+      on example ``pairs.rows[a]``: its |S_m| class probabilities in the ascending class order of
+      ``groups.group(m)``, then the dustbin probability. Either
+        * a sequence of 2-D blocks (n_i, |S_m| + 1) stacked along dim 0 in pair order, e.g. the
+          outputs of each specialist on ``x[rows_m]`` for ``rows_m in pairs.per_specialist(M)``
+          (skipping idle specialists), or
+        * one (A, L) tensor with L >= max |S_m| + 1, row a padded after its dustbin (columns
+          past |S_m| are ignored) - with equal-size groups simply the stacked outputs.
+    - spec_weights: (M,) non-negative w_m (default 1); generalist_weight: w_g > 0 (default 1).
+    Rows with no active pair come back as exactly p_g."""
+    return solve_em(
+        p_g,
+        spec_probs,
+        pairs,
+        groups,
+        spec_weights=spec_weights,
+        generalist_weight=generalist_weight,
+        tol=tol,
+        max_iter=max_iter,
+    ).q
+
+
+def objective(
+    q: Tensor,
+    p_g: Tensor,
+    spec_probs: SpecProbs,
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    *,
+    spec_weights: Tensor | Sequence[float] | None = None,
+    generalist_weight: float = 1.0,
+) -> Tensor:
+    """(B,) float64: w_g KL(p_g || q) + sum over active pairs of w_m KL(p_m || A_m q) per
+    example, computed in float64 (+inf where q is 0 on a class the models give mass to)."""
+    packed = _pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+    if q.shape != p_g.shape:
+        raise ValueError(f"q must have p_g's shape {tuple(p_g.shape)}, got {tuple(q.shape)}")
+    q64 = q.to(device=p_g.device, dtype=torch.float64)
+    logq = torch.log(q64)
+    return _objective_all(packed, q64, logq)
+
+
+def _objective_all(packed: _Packed, q64: Tensor, logq: Tensor) -> Tensor:
+    pg = packed.p_g.double()
+    zero = torch.zeros((), dtype=torch.float64, device=pg.device)
+    gen = packed.w_g * (torch.xlogy(pg, pg) - torch.where(pg > 0, pg * logq, zero)).sum(1)
+    if packed.n_active_rows == 0:
+        return gen
+    rows = packed.act_rows
+    return gen.index_add(0, rows, packed.spec_terms(q64[rows], logq[rows]))
+
+
+class GDResult(NamedTuple):
+    """q (B, K) in p_g's dtype, the optimiser steps taken, and the (B,) float64 objective."""
+
+    q: Tensor
+    n_steps: int
+    objective: Tensor
+
+
+def solve_gd(
+    p_g: Tensor,
+    spec_probs: SpecProbs,
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    *,
+    spec_weights: Tensor | Sequence[float] | None = None,
+    generalist_weight: float = 1.0,
+    method: str = "adam",
+    max_steps: int = 1000,
+    lr: float | None = None,
+    lr_decay: float = 0.995,
+    target: Tensor | None = None,
+    rtol: float = 1e-6,
+    check_every: int = 10,
+) -> GDResult:
+    """Reference solver, the paper's method: descend the summed objective on the logits z of
+    q = softmax(z), in float64, from z = log p_g. Slow; for tests and benchmarks.
+
+    ``method`` "adam" (default: lr 0.3, multiplied by ``lr_decay`` every step) or "lbfgs"
+    (lr 1, strong-Wolfe line search on the whole batch). With ``target`` (B,), stop as soon as
+    every example's objective is <= target + rtol |target| (checked every ``check_every``
+    steps); otherwise run ``max_steps`` steps, or until L-BFGS meets its own tolerances."""
+    if method not in ("lbfgs", "adam"):
+        raise ValueError(f"method must be 'lbfgs' or 'adam', got {method!r}")
+    packed = _pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+    q_full = p_g.clone()
+    q64 = p_g.double()
+    if packed.n_active_rows == 0:
+        return GDResult(q_full, 0, _objective_all(packed, q64, torch.log(q64)))
+    rows = packed.act_rows
+    pg = q64[rows]  # (R, K)
+    z = torch.log(pg.clamp_min(1e-300)).requires_grad_(True)  # (R, K)
+    zero = torch.zeros((), dtype=torch.float64, device=p_g.device)
+    xlogx = torch.xlogy(pg, pg).sum(1)  # (R,)
+    bound = None
+    if target is not None:
+        tgt = target.to(device=p_g.device, dtype=torch.float64)[rows]
+        bound = tgt + rtol * tgt.abs()
+
+    def per_row(z: Tensor) -> Tensor:  # (R,) objective
+        logq = torch.log_softmax(z, dim=1)
+        gen = xlogx - torch.where(pg > 0, pg * logq, zero).sum(1)
+        return packed.w_g * gen + packed.spec_terms(logq.exp(), logq)
+
+    def reached() -> bool:
+        if bound is None:
+            return False
+        with torch.no_grad():
+            return bool((per_row(z) <= bound).all())
+
+    n_steps = 0
+    if method == "lbfgs":
+        chunk = check_every if bound is not None else max_steps
+        opt = torch.optim.LBFGS(
+            [z],
+            lr=1.0 if lr is None else lr,
+            max_iter=chunk,
+            max_eval=25 * chunk,  # let the step count, not the line search, bound a chunk
+            history_size=50,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = per_row(z).sum()
+            loss.backward()
+            return loss
+
+        while n_steps < max_steps:
+            before = opt.state[z].get("n_iter", 0)
+            opt.step(closure)
+            taken = opt.state[z]["n_iter"] - before
+            n_steps += taken
+            if reached() or taken < chunk:
+                break  # target met, or L-BFGS stopped on its own tolerances
+    else:
+        opt = torch.optim.Adam([z], lr=0.3 if lr is None else lr)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+        while n_steps < max_steps:
+            opt.zero_grad()
+            per_row(z).sum().backward()
+            opt.step()
+            sched.step()
+            n_steps += 1
+            if n_steps % check_every == 0 and reached():
+                break
+    with torch.no_grad():
+        q_full[rows] = torch.softmax(z, dim=1).to(p_g.dtype)
+        obj = _objective_all(packed, q64, torch.log(q64))  # rows without a pair: q = p_g
+        obj[rows] = per_row(z)
+    return GDResult(q_full, n_steps, obj)
