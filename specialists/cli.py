@@ -94,6 +94,56 @@ def _generalist(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# cluster
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with a trained generalist")
+    p.add_argument(
+        "--config", help="YAML file with any of the options below (command-line flags win)"
+    )
+    p.add_argument(
+        "--matrix",
+        choices=["covariance", "confusion"],
+        help="covariance of the predictions (default, label-free) or the confusion matrix",
+    )
+    p.add_argument(
+        "--method",
+        choices=["kmeans", "spectral"],
+        help="faiss k-means (default) or spectral clustering",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["disjoint", "overlapping"],
+        help="disjoint groups (default) or overlapping fixed-size groups",
+    )
+    p.add_argument(
+        "--n-groups",
+        type=int,
+        help="number of groups (default: chosen from the measured confusion)",
+    )
+    p.add_argument("--group-size", type=int, help="overlapping mode: classes per group")
+    p.add_argument("--min-size", type=int, help="disjoint mode: smallest group")
+    p.add_argument("--max-size", type=int, help="disjoint mode: largest group")
+    p.add_argument("--top-m", type=int, help="keep only the M groups holding the most confusion")
+    p.add_argument("--n-init", type=int, help="k-means restarts, best objective kept (default 5)")
+    p.add_argument("--seed", type=int)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from specialists.config import load_config_file, merge_config
+    from specialists.grouping import ClusterConfig, cluster_run, summarize_clusters
+
+    file_values = load_config_file(args.config) if args.config else {}
+    overrides = {k: getattr(args, k, None) for k in ClusterConfig.__dataclass_fields__}
+    cfg = merge_config(ClusterConfig, file_values, overrides, args.config or "command line")
+    report = cluster_run(args.run, cfg)
+    print(summarize_clusters(report))
+    print(f"written to {args.run}/clusters.json and {args.run}/clusters.png")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # train (specialists)
 
 
@@ -260,6 +310,36 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", default="runs/demo", help="run directory (default runs/demo); rerun to resume"
+    )
+    p.add_argument(
+        "--workers", type=int, help="parallel specialist jobs (default: one per core or GPU)"
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import time
+
+    from specialists.evaluate import format_metrics
+    from train.pipeline import run_demo
+
+    start = time.perf_counter()
+    m = run_demo(args.out, args.workers, progress=not args.quiet)
+    print()
+    print(format_metrics(m))
+    print(
+        f"\ndemo finished in {time.perf_counter() - start:.0f} s; everything is in {args.out}/ "
+        f"(metrics.json, coverage.png, clusters.png, ...)"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # data
 
 
@@ -305,6 +385,7 @@ COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "generalist": ("train the generalist over all classes", _generalist_args, _generalist),
+    "cluster": ("group the classes the generalist confuses", _cluster_args, _cluster),
     "train": ("train one specialist per group, in parallel", _train_args, _train),
     "evaluate": (
         "evaluate the ensemble against its generalist (the paper's metrics)",
@@ -312,6 +393,7 @@ COMMANDS: dict[
         _evaluate,
     ),
     "predict": ("classify image files with the ensemble", _predict_args, _predict),
+    "demo": ("run the whole pipeline on the embedded data", _demo_args, _demo),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),
 }
 

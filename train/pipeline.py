@@ -12,10 +12,11 @@ from specialists.records import GeneralistRecord
 from specialists.run import RunDir
 
 from .data import DataSpec, load_data
+from .generalist import GeneralistConfig
 from .launch import Job, JobResult, run_jobs
 from .specialist import SpecialistConfig, cache_data
 
-__all__ = ["load_groups", "train_specialists"]
+__all__ = ["load_groups", "run_demo", "train_specialists"]
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +76,41 @@ def train_specialists(
     return run_jobs(
         run, jobs, cfg, grec.weights_sha256, backend, workers, device, ray_address, progress
     )
+
+
+# The demo: the whole pipeline on the embedded data, sized for a laptop's CPU (a few minutes).
+DEMO_GENERALIST = GeneralistConfig(data="embedded:n_classes=40,n_groups=8", epochs=20, patience=4)
+DEMO_SPECIALISTS = SpecialistConfig()
+
+
+def run_demo(out: str | Path, workers: int | None = None, progress: bool = True, say=print) -> dict:
+    """generalist -> clusters -> specialists (in parallel) -> evaluation, each step skipped when
+    its output is already complete (so an interrupted demo resumes)."""
+    from specialists.evaluate import evaluate_run
+    from specialists.grouping import cluster_run, summarize_clusters
+
+    from .generalist import train_generalist
+
+    run = RunDir.of(out)
+    say(f"[1/4] generalist ({DEMO_GENERALIST.model} on {DEMO_GENERALIST.data})")
+    if run.generalist_record.is_file():
+        grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+        say("      already trained")
+    else:
+        grec = train_generalist(DEMO_GENERALIST, run.root, progress=progress)
+    m = grec.metrics
+    say(
+        f"      test accuracy {100 * m['test_accuracy']:.2f}% (best epoch {m['best_epoch']} of {m['epochs_run']}, {m['train_seconds']:.0f} s)"
+    )
+    say("[2/4] confusion clusters")
+    report = load_json(run.clusters) if run.clusters.is_file() else cluster_run(run.root)
+    say("      " + summarize_clusters(report).replace("\n", "\n      "))
+    say("[3/4] specialists, in parallel")
+    results = train_specialists(run.root, DEMO_SPECIALISTS, workers=workers, progress=progress)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise SpecialistsError(
+            f"specialist {failed[0].job.spec_id} failed: {failed[0].error} (rerun the demo to retry)"
+        )
+    say("[4/4] evaluation on the test split")
+    return evaluate_run(run.root)

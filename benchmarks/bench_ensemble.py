@@ -1,0 +1,64 @@
+"""Throughput of the ensemble relative to its generalist (top-n gating), measured in one run.
+
+    python benchmarks/bench_ensemble.py [RUN] [--top-n 1] [--images 4096]
+
+Without RUN, builds a quick run on the embedded data (100 classes, 20 planted groups as the
+clusters, short training: the speed does not depend on how well the models are trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from specialists.ensemble import Ensemble
+from specialists.io import save_json
+from specialists.run import RunDir
+from train.data import DataSpec, load_data
+from train.generalist import GeneralistConfig, train_generalist
+from train.pipeline import train_specialists
+from train.specialist import SpecialistConfig
+
+
+def quick_run(root: Path, model: str) -> Path:
+    run = root / "run"
+    train_generalist(GeneralistConfig(model=model, epochs=1), run, progress=False)
+    groups = [list(range(5 * g, 5 * g + 5)) for g in range(20)]
+    save_json(RunDir.of(run).clusters, {"groups": [{"classes": g} for g in groups]})
+    train_specialists(run, SpecialistConfig(epochs=1, examples_per_epoch=128), progress=False)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("run", nargs="?", help="an existing run directory")
+    ap.add_argument("--model", default="test_efficientnet")
+    ap.add_argument("--top-n", type=int, default=1)
+    ap.add_argument("--images", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(args.run) if args.run else quick_run(Path(tmp), args.model)
+        ens = Ensemble.load(run, top_n=args.top_n)
+        images = load_data(DataSpec.from_dict(ens.record.data)).test.images[: args.images]
+        out = ens.run_batch(images)
+        consulted = np.mean([len(c) for c in out.consulted])
+        g, e = ens.throughput(images, repeats=args.repeats)
+        print(
+            f"{ens.record.architecture}, {ens.record.n_classes} classes, {len(ens.specialists)} specialists, "
+            f"top-{args.top_n} gating: {consulted:.2f} specialists consulted per image"
+        )
+        print(
+            f"generalist: {g:.0f} images/s; ensemble: {e:.0f} images/s; ensemble / generalist = {e / g:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

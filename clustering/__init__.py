@@ -1,0 +1,43 @@
+"""Confusion clusters: which classes does the generalist confuse, and how to group them.
+
+Pure numerics on prediction matrices (no model code): streaming covariance / confusion
+statistics, a scikit-learn style clustering estimator (faiss k-means or spectral), a default
+chooser, quality metrics, the ``clusters.json`` report and a picture. See DESIGN §1.2.
+"""
+
+from .choose import GroupingChoice, choose_grouping
+from .estimator import ConfusionClustering
+from .metrics import (
+    coarse_agreement,
+    confusion_captured,
+    expected_random_captured,
+    group_labels,
+    group_stats,
+    random_split_baseline,
+)
+from .plot import grouped_order, plot_grouped_matrix
+from .report import REPORT_VERSION, build_report, save_report
+from .stats import PredictionStats, prediction_stats
+from .synthetic import planted_covariance, planted_groups, planted_predictions
+
+__all__ = [
+    "REPORT_VERSION",
+    "ConfusionClustering",
+    "GroupingChoice",
+    "PredictionStats",
+    "build_report",
+    "choose_grouping",
+    "coarse_agreement",
+    "confusion_captured",
+    "expected_random_captured",
+    "group_labels",
+    "group_stats",
+    "grouped_order",
+    "plot_grouped_matrix",
+    "planted_covariance",
+    "planted_groups",
+    "planted_predictions",
+    "prediction_stats",
+    "random_split_baseline",
+    "save_report",
+]

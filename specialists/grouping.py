@@ -1,0 +1,195 @@
+"""Confusion clusters of a run: read the generalist's validation predictions, cluster, report.
+
+The numerics live in the ``clustering`` package; this module connects it to a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clustering import (
+    ConfusionClustering,
+    PredictionStats,
+    build_report,
+    choose_grouping,
+    plot_grouped_matrix,
+    save_report,
+)
+
+from .errors import SpecialistsError
+from .io import load_json, load_npy
+from .records import GeneralistRecord
+from .run import RunDir
+
+__all__ = ["ClusterConfig", "cluster_run", "summarize_clusters"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    """How the classes are grouped. Every field None means: chosen from the data."""
+
+    matrix: str = "covariance"  # covariance (label-free, as in the paper) | confusion
+    method: str = "kmeans"  # kmeans | spectral
+    mode: str = "disjoint"  # disjoint | overlapping
+    n_groups: int | None = None
+    group_size: int | None = None  # overlapping mode: classes per group
+    min_size: int | None = None
+    max_size: int | None = None
+    top_m: int | None = None  # keep the M groups holding the most confusion
+    n_init: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.matrix not in ("covariance", "confusion"):
+            raise ValueError(f"matrix must be covariance or confusion, got {self.matrix!r}")
+        if self.method not in ("kmeans", "spectral"):
+            raise ValueError(f"method must be kmeans or spectral, got {self.method!r}")
+        if self.mode not in ("disjoint", "overlapping"):
+            raise ValueError(f"mode must be disjoint or overlapping, got {self.mode!r}")
+
+
+def _load_predictions(run: RunDir, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if not run.val_probs.is_file():
+        raise SpecialistsError(
+            f"{run.val_probs}: the generalist's validation predictions are missing (retrain with `specialists generalist --force`)"
+        )
+    probs = load_npy(run.val_probs)
+    labels = load_npy(run.val_labels)
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise SpecialistsError(
+            f"{run.val_probs}: expected predictions of shape (N, {n_classes}), got {probs.shape}"
+        )
+    if len(labels) != len(probs):
+        raise SpecialistsError(
+            f"{run.val_labels}: {len(labels)} labels for {len(probs)} predictions"
+        )
+    return probs, labels
+
+
+def cluster_run(
+    run_dir: str | Path, cfg: ClusterConfig | None = None, batch_size: int = 4096
+) -> dict:
+    """Cluster a run's classes; write ``clusters.json`` and ``clusters.png``; return the report."""
+    cfg = cfg or ClusterConfig()
+    run = RunDir.of(run_dir)
+    run.require_generalist()
+    grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+    k = grec.n_classes
+    if cfg.n_groups is not None and not 1 <= cfg.n_groups <= k:
+        raise SpecialistsError(
+            f"--n-groups {cfg.n_groups}: must be between 1 and the number of classes ({k})"
+        )
+    if cfg.group_size is not None and not 2 <= cfg.group_size <= k:
+        raise SpecialistsError(
+            f"--group-size {cfg.group_size}: must be between 2 and the number of classes ({k})"
+        )
+    probs, labels = _load_predictions(run, k)
+    stats = PredictionStats(k)
+    try:
+        for start in range(0, len(probs), batch_size):  # streaming: the accumulator never holds P
+            stats.update(probs[start : start + batch_size], labels[start : start + batch_size])
+    except ValueError as e:
+        raise SpecialistsError(f"{run.val_probs}: {e}") from e
+    confusion = stats.confusion()
+    matrix = stats.covariance() if cfg.matrix == "covariance" else confusion.astype(np.float64)
+
+    params = dict(method=cfg.method, n_init=cfg.n_init, random_state=cfg.seed)
+    choice = None
+    try:
+        if cfg.n_groups is None:
+            extra = {
+                k_: v
+                for k_, v in (("max_size", cfg.max_size), ("top_m", cfg.top_m))
+                if v is not None
+            }
+            choice = choose_grouping(
+                matrix, k, mode=cfg.mode, min_size=cfg.min_size or 3, **params, **extra
+            )
+            model = choice.model
+            if cfg.mode == "overlapping" and cfg.group_size is not None:
+                model = ConfusionClustering(
+                    choice.n_groups,
+                    mode="overlapping",
+                    group_size=cfg.group_size,
+                    top_m=cfg.top_m,
+                    **params,
+                ).fit(matrix)
+            log.info("grouping chosen from the data: %s", choice.reason)
+        else:
+            model = ConfusionClustering(
+                cfg.n_groups,
+                mode=cfg.mode,
+                group_size=cfg.group_size,
+                min_size=cfg.min_size or 1,
+                max_size=cfg.max_size,
+                top_m=cfg.top_m,
+                **params,
+            ).fit(matrix)
+    except ValueError as e:
+        raise SpecialistsError(f"clustering {run.val_probs}: {e}") from e
+
+    coarse = np.asarray(grec.coarse) if grec.coarse is not None else None
+    report = build_report(
+        matrix,
+        model,
+        matrix_kind=cfg.matrix,
+        class_names=grec.class_names,
+        coarse=coarse,
+        confusion=confusion,
+        choice=choice,
+        random_state=cfg.seed,
+    )
+    report["config"] = asdict(cfg)
+    report["generalist_sha256"] = grec.weights_sha256
+    save_report(run.clusters, report)
+    plot_grouped_matrix(
+        matrix,
+        model.groups_,
+        run.clusters_png,
+        class_names=grec.class_names,
+        title=f"{cfg.matrix} of the generalist's predictions, by group",
+    )
+    return report
+
+
+def summarize_clusters(report: dict) -> str:
+    """A few lines for the terminal: groups, sizes, confusion captured, agreement with known groups."""
+    groups = report["groups"]
+    sizes = sorted(len(g["classes"]) for g in groups)
+    q = report["quality"]
+    lines = []
+    if report.get("choice"):
+        lines.append(f"chosen from the data: {report['choice']['reason']}")
+    size_text = (
+        f"{sizes[0]}"
+        if sizes[0] == sizes[-1]
+        else f"{sizes[0]}-{sizes[-1]} (median {sizes[len(sizes) // 2]})"
+    )
+    lines.append(
+        f"{len(groups)} groups of {size_text} classes over {report['n_classes']} classes; "
+        f"{report['coverage']['covered']} covered, {report['coverage']['uncovered']} in no group"
+    )
+    lines.append(
+        f"confusion captured inside groups: {100 * q['confusion_captured']:.1f}% "
+        f"(random groups of the same sizes: {100 * q['random_baseline']:.1f}%)"
+    )
+    if "ari" in q:
+        lines.append(
+            f"agreement with the known coarse groups: ARI {q['ari']:.3f}, NMI {q['nmi']:.3f}"
+        )
+    for g in groups[:5]:
+        names = ", ".join(g["names"][:4]) + (", ..." if len(g["names"]) > 4 else "")
+        acc = g.get("accuracy")
+        acc_text = f", generalist accuracy {100 * acc:.1f}%" if acc is not None else ""
+        lines.append(
+            f"  group {g['rank']}: {len(g['classes'])} classes, {100 * g['mass_share']:.1f}% of the confusion{acc_text}: {names}"
+        )
+    if len(groups) > 5:
+        lines.append(f"  ... and {len(groups) - 5} more")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""`specialists cluster RUN`: the run-level glue around the clustering package."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from specialists.cli import main
+from specialists.io import save_npy
+from specialists.run import RunDir
+from train.generalist import GeneralistConfig, train_generalist
+
+from .test_specialists import run_dir  # noqa: F401  (the shared tiny run fixture)
+
+
+def test_cluster_writes_report_and_picture(run_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists", "clusters.json"))
+    assert main(["cluster", str(out), "--n-groups", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 groups" in printed and "ARI" in printed
+    report = json.loads(RunDir.of(out).clusters.read_text())
+    groups = [g["classes"] for g in report["groups"]]
+    assert sorted(c for g in groups for c in g) == list(range(12))  # disjoint cover of all classes
+    assert {"confusion_captured", "random_baseline", "ari", "nmi"} <= set(report["quality"])
+    assert RunDir.of(out).clusters_png.stat().st_size > 1000
+    # the default chooses the number of groups and says why
+    assert main(["cluster", str(out), "--quiet"]) == 0
+    assert "chosen from the data" in capsys.readouterr().out
+    # overlapping fixed-size groups
+    assert (
+        main(
+            [
+                "cluster",
+                str(out),
+                "--mode",
+                "overlapping",
+                "--n-groups",
+                "3",
+                "--group-size",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(RunDir.of(out).clusters.read_text())
+    assert [len(g["classes"]) for g in report["groups"]] == [5, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n-groups", "13"], "--n-groups 13: must be between 1 and the number of classes (12)"),
+        (
+            ["--mode", "overlapping", "--n-groups", "2", "--group-size", "20"],
+            "--group-size 20: must be between 2",
+        ),
+    ],
+)
+def test_bad_options_are_one_line(run_dir, capsys, args, message):  # noqa: F811
+    assert main(["cluster", str(run_dir), *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bad_runs_are_one_line(run_dir, tmp_path, capsys):  # noqa: F811
+    assert main(["cluster", str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "nogen").mkdir()
+    assert main(["cluster", str(tmp_path / "nogen"), "--quiet"]) == 2
+    assert "no trained generalist" in capsys.readouterr().err
+    out = tmp_path / "nan"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists"))
+    probs = np.load(RunDir.of(out).val_probs)
+    probs[3, 2] = np.nan
+    save_npy(RunDir.of(out).val_probs, probs)
+    assert main(["cluster", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "val_probs.npy" in err
+        and ("NaN" in err or "nan" in err or "finite" in err)
+        and err.count("\n") == 1
+    )
+    RunDir.of(out).val_probs.unlink()
+    assert main(["cluster", str(out), "--quiet"]) == 2
+    assert "validation predictions are missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_recovers_the_planted_groups(tmp_path, capsys):
+    data = "embedded:n_classes=40,n_groups=8,train_per_class=100,val_per_class=40,test_per_class=10"
+    train_generalist(
+        GeneralistConfig(data=data, epochs=6, threads=2), tmp_path / "run", progress=False
+    )
+    assert main(["cluster", str(tmp_path / "run"), "--quiet"]) == 0
+    report = json.loads(RunDir.of(tmp_path / "run").clusters.read_text())
+    assert report["quality"]["ari"] >= 0.9, capsys.readouterr().out
