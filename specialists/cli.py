@@ -47,7 +47,9 @@ def _generalist_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --checkpoint: start a new classifier",
     )
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 12)")
+    p.add_argument(
+        "--epochs", type=int, help="maximum epochs (default 10; raise it for a converged baseline)"
+    )
     p.add_argument(
         "--patience",
         type=int,
@@ -196,7 +198,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--head-init",
         choices=["copy", "random"],
-        help="copy the generalist's rows (default) or start fresh",
+        help="random: a fresh head (default); copy: the generalist's rows, dustbin fitted to its outside mass",
     )
     p.add_argument(
         "--correction",
@@ -310,6 +312,48 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# controls
+
+
+def _controls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
+    p.add_argument(
+        "--workers", type=int, help="parallel jobs (default: one per GPU, else one per CPU core)"
+    )
+    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--ray-address", help="Ray cluster address (default: start a local Ray instance)"
+    )
+    p.add_argument("--top-n", type=int, default=1, help="gating for the evaluation (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random groups and the copies")
+    p.add_argument("--device", default="auto")
+
+
+def _controls(args: argparse.Namespace) -> int:
+    from specialists.evaluate import format_metrics
+    from train.controls import evaluate_controls, run_controls
+
+    results = run_controls(
+        args.run,
+        args.workers,
+        args.backend,
+        args.device,
+        args.ray_address,
+        args.seed,
+        not args.quiet,
+    )
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"  control job {r.job.out}/{r.job.spec_id}: FAILED: {r.error}", file=sys.stderr)
+    if failed:
+        print("rerun the same command to retry the failed ones", file=sys.stderr)
+        return 1
+    m = evaluate_controls(args.run, args.top_n, args.device)
+    print(format_metrics(m))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 
@@ -393,6 +437,11 @@ COMMANDS: dict[
         _evaluate,
     ),
     "predict": ("classify image files with the ensemble", _predict_args, _predict),
+    "controls": (
+        "train and evaluate the controls: random groups, extra compute, plain ensemble",
+        _controls_args,
+        _controls,
+    ),
     "demo": ("run the whole pipeline on the embedded data", _demo_args, _demo),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),
 }

@@ -50,6 +50,7 @@ class Ensemble:
         top_n: int = 1,
         cache_size: int | None = None,
         batch_size: int = 512,
+        spec_dir: Path | None = None,
     ) -> None:
         from train.generalist import make_transforms
 
@@ -61,6 +62,7 @@ class Ensemble:
         )
         self.device, self.top_n, self.batch_size = device, top_n, batch_size
         self.cache_size = cache_size
+        self.spec_dir = spec_dir or run.specialists_dir
         self.groups = GroupIndex.from_lists(
             [s.classes for s in specialists], n_classes=record.n_classes
         ).to(device)
@@ -79,20 +81,25 @@ class Ensemble:
         device: str = "auto",
         top_n: int = 1,
         cache_size: int | None = None,
+        variant: str | None = None,
     ) -> Ensemble:
+        """Load a run's ensemble, validating every file; ``variant`` (e.g. ``controls/random``)
+        reads the groups and specialists from that subfolder instead."""
         from train.generalist import load_generalist
         from train.pipeline import load_groups
 
         run = RunDir.of(run_dir)
         dev = resolve_device(device)
         generalist, record = load_generalist(run.root, dev)
-        groups = load_groups(run, record.n_classes)
+        base = run.root / variant if variant else run.root
+        clusters, spec_dir = base / "clusters.json", base / "specialists"
+        groups = load_groups(clusters, record.n_classes)
         if not 1 <= top_n <= record.n_classes:
             raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
         specs = []
         for i, classes in enumerate(groups):
-            rec_path = run.specialists_dir / f"{i:03d}.json"
-            weights = run.specialists_dir / f"{i:03d}.safetensors"
+            rec_path = spec_dir / f"{i:03d}.json"
+            weights = spec_dir / f"{i:03d}.safetensors"
             if not rec_path.is_file() or not weights.is_file():
                 raise SpecialistsError(
                     f"{rec_path}: specialist {i} is missing (run `specialists train {run.root}`)"
@@ -106,14 +113,14 @@ class Ensemble:
                 classes, record.weights_sha256
             ):
                 raise SpecialistsError(
-                    f"{rec_path}: its classes do not match group {i} of {run.clusters} (rerun `specialists train {run.root}`)"
+                    f"{rec_path}: its classes do not match group {i} of {clusters} (rerun `specialists train {run.root}`)"
                 )
             if file_sha256(weights) != rec.weights_sha256:
                 raise SpecialistsError(
                     f"{weights}: checksum does not match {rec_path} (file changed or truncated)"
                 )
             specs.append(rec)
-        return cls(run, generalist, record, specs, dev, top_n, cache_size)
+        return cls(run, generalist, record, specs, dev, top_n, cache_size, spec_dir=spec_dir)
 
     def specialist(self, m: int) -> nn.Module:
         """Specialist ``m``, loaded on first use; the least recently used is evicted when the
@@ -122,7 +129,7 @@ class Ensemble:
             self._cache.move_to_end(m)
             return self._cache[m]
         rec = self.specialists[m]
-        path = self.run.specialists_dir / f"{rec.id:03d}.safetensors"
+        path = self.spec_dir / f"{rec.id:03d}.safetensors"
         model = create_model(
             rec.architecture, len(rec.classes) + 1, self.record.in_chans, self.record.input_size
         )

@@ -88,6 +88,24 @@ def format_metrics(m: dict) -> str:
     lines.append(
         f"relative error reduction: {pct(rer)}  ({m['n_test']} test examples, {m['n_specialists']} specialists, top-{m.get('top_n', 1)} gating)"
     )
+    if m.get("controls"):
+        lines.append("")
+        lines.append(
+            f"{'controls (same compute)':28s}{'accuracy':>12s}{'rel. error':>12s}{'conditional':>13s}{'train s':>10s}"
+        )
+        lines.append(
+            f"{'generalist':28s}{pct(m['generalist_accuracy']):>12s}{'':>12s}{pct(m['generalist_conditional_accuracy']):>13s}"
+        )
+        lines.append(
+            f"{'specialists (this run)':28s}{pct(m['ensemble_accuracy']):>12s}{pct(rer):>12s}{pct(m['ensemble_conditional_accuracy']):>13s}"
+        )
+        for r in m["controls"]:
+            lines.append(
+                f"{r['name']:28s}{pct(r['accuracy']):>12s}{pct(r['relative_error_reduction']):>12s}"
+                f"{pct(r['conditional_accuracy']):>13s}{r['train_seconds']:>10.0f}"
+            )
+        if m.get("verdict"):
+            lines.append(f"verdict: {m['verdict']}")
     lines.append("")
     lines.append(
         f"{'covered by':>10s}{'examples':>10s}{'delta correct':>15s}{'relative change':>17s}"

@@ -34,40 +34,60 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
+    """One unit of work. ``kind="specialist"`` trains the specialist of ``classes``;
+    ``kind="finetune"`` fine-tunes a copy of the generalist over all classes for ``examples``
+    examples (the controls). Artifacts go to ``RUN/<out>/NNN.*``."""
+
     spec_id: int
     classes: tuple[int, ...]
+    out: str = "specialists"
+    kind: str = "specialist"
+    examples: int = 0
+    seed: int = 0
 
 
 @dataclass
 class JobResult:
     job: Job
     ok: bool
-    record: SpecialistRecord | None = None
+    record: SpecialistRecord | None = None  # or a FinetuneRecord for finetune jobs
     error: str | None = None
     skipped: bool = False
 
 
-def _paths(run: RunDir, spec_id: int) -> tuple[Path, Path, Path]:
-    d = run.specialists_dir
+def _paths(run: RunDir, job: Job) -> tuple[Path, Path, Path]:
+    d = run.root / job.out
     return (
-        d / f"{spec_id:03d}.json",
-        d / f"{spec_id:03d}.safetensors",
-        d / f"{spec_id:03d}.error.json",
+        d / f"{job.spec_id:03d}.json",
+        d / f"{job.spec_id:03d}.safetensors",
+        d / f"{job.spec_id:03d}.error.json",
     )
+
+
+def _record_type(job: Job):
+    if job.kind == "finetune":
+        from .controls import FinetuneRecord
+
+        return FinetuneRecord
+    return SpecialistRecord
 
 
 def finished_record(
     run: RunDir, job: Job, generalist_sha: str, cfg: SpecialistConfig
 ) -> SpecialistRecord | None:
     """The job's record if it is complete, intact, and for this group, generalist and config."""
-    rec_path, weights, _ = _paths(run, job.spec_id)
+    rec_path, weights, _ = _paths(run, job)
     if not rec_path.is_file() or not weights.is_file():
         return None
     try:
-        rec = SpecialistRecord.from_dict(load_json(rec_path), rec_path)
+        rec = _record_type(job).from_dict(load_json(rec_path), rec_path)
     except SpecialistsError:
         return None
-    if rec.group_hash != group_hash(list(job.classes), generalist_sha) or rec.config != asdict(cfg):
+    if rec.config != asdict(cfg) or rec.generalist_sha256 != generalist_sha:
+        return None
+    if job.kind == "specialist" and rec.group_hash != group_hash(list(job.classes), generalist_sha):
+        return None
+    if job.kind == "finetune" and (rec.examples, rec.seed) != (job.examples, job.seed):
         return None
     if file_sha256(weights) != rec.weights_sha256:
         return None
@@ -90,11 +110,9 @@ def pending_jobs(
 
 def _train_and_report(run_root: str, job: Job, cfg: dict, device: str, threads: int | None) -> bool:
     """Train one job inside a worker; on failure write its error file. True on success."""
-    _, _, err_path = _paths(RunDir.of(run_root), job.spec_id)
+    _, _, err_path = _paths(RunDir.of(run_root), job)
     try:
-        train_specialist(
-            run_root, job.spec_id, list(job.classes), SpecialistConfig(**cfg), device, threads
-        )
+        _run_job(run_root, job, cfg, device, threads)
         return True
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -102,6 +120,23 @@ def _train_and_report(run_root: str, job: Job, cfg: dict, device: str, threads: 
             message = f"{type(e).__name__}: {message}"
         save_json(err_path, {"error": message, "traceback": traceback.format_exc()})
         return False
+
+
+def _run_job(run_root: str, job: Job, cfg: dict, device: str, threads: int | None):
+    if job.kind == "finetune":
+        from .controls import fine_tune
+
+        return fine_tune(run_root, job, SpecialistConfig(**cfg), device, threads)
+    out_dir = Path(run_root) / job.out
+    return train_specialist(
+        run_root,
+        job.spec_id,
+        list(job.classes),
+        SpecialistConfig(**cfg),
+        device,
+        threads,
+        out_dir=out_dir,
+    )
 
 
 def _worker_main(conn, run_root: str, cfg: dict, device: str, threads: int | None) -> None:
@@ -139,8 +174,10 @@ def default_workers(device: str) -> int:
         return os.cpu_count() or 1
 
 
-def _describe(rec: SpecialistRecord) -> str:
+def _describe(rec) -> str:
     m = rec.metrics
+    if not isinstance(rec, SpecialistRecord):
+        return f"{rec.describe()}, {m['seconds']:.0f} s"
     return (
         f"specialist {rec.id:3d}: {len(rec.classes)} classes, in-group accuracy {m['in_group_acc']:.3f} "
         f"(generalist {m['generalist_in_group_acc']:.3f}), {m['epochs_run']} epochs, {m['seconds']:.0f} s"
@@ -196,7 +233,7 @@ def run_local(
             for slot in slots:
                 if slot.job is None and queue:
                     job = queue.pop(0)
-                    _paths(run, job.spec_id)[2].unlink(missing_ok=True)
+                    _paths(run, job)[2].unlink(missing_ok=True)
                     slot.start_job(job)
             busy = {s.conn: s for s in slots if s.job is not None}
             busy.update({s.proc.sentinel: s for s in slots if s.job is not None})
@@ -225,9 +262,9 @@ def run_local(
 
 
 def _collect(run: RunDir, job: Job, exitcode: int | None) -> JobResult:
-    rec_path, _, err_path = _paths(run, job.spec_id)
+    rec_path, _, err_path = _paths(run, job)
     if exitcode == 0 and rec_path.is_file():
-        return JobResult(job, True, SpecialistRecord.from_dict(load_json(rec_path), rec_path))
+        return JobResult(job, True, _record_type(job).from_dict(load_json(rec_path), rec_path))
     if err_path.is_file():
         return JobResult(job, False, error=load_json(err_path).get("error", "failed"))
     if exitcode is not None and exitcode < 0:
@@ -238,10 +275,7 @@ def _collect(run: RunDir, job: Job, exitcode: int | None) -> JobResult:
 
 
 def _ray_job(run_root: str, job: Job, cfg: dict, device: str, threads: int | None) -> dict:
-    rec = train_specialist(
-        run_root, job.spec_id, list(job.classes), SpecialistConfig(**cfg), device, threads
-    )
-    return rec.to_dict()
+    return _run_job(run_root, job, cfg, device, threads).to_dict()
 
 
 def run_ray(
@@ -284,7 +318,7 @@ def run_ray(
         done, _ = ray.wait(list(refs), num_returns=1)
         job = refs.pop(done[0])
         try:
-            rec = SpecialistRecord.from_dict(ray.get(done[0]))
+            rec = _record_type(job).from_dict(ray.get(done[0]))
             results.append(JobResult(job, True, rec))
             bar.write(_describe(rec))
         except Exception as e:  # RayTaskError wraps the job's own exception

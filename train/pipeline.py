@@ -21,16 +21,17 @@ __all__ = ["load_groups", "run_demo", "train_specialists"]
 log = logging.getLogger(__name__)
 
 
-def load_groups(run: RunDir, n_classes: int) -> list[list[int]]:
-    """The groups of ``RUN/clusters.json``, validated against the generalist's class count."""
-    if not run.clusters.is_file():
+def load_groups(clusters: Path, n_classes: int) -> list[list[int]]:
+    """The groups of a ``clusters.json``, validated against the generalist's class count."""
+    clusters = Path(clusters)
+    if not clusters.is_file():
         raise SpecialistsError(
-            f"{run.clusters}: no clusters in this run (run `specialists cluster {run.root}` first)"
+            f"{clusters}: no clusters in this run (run `specialists cluster {clusters.parent}` first)"
         )
-    data = load_json(run.clusters)
+    data = load_json(clusters)
     groups = data.get("groups") if isinstance(data, dict) else None
     if not isinstance(groups, list) or not groups:
-        raise SpecialistsError(f"{run.clusters}: no groups")
+        raise SpecialistsError(f"{clusters}: no groups")
     out = []
     for i, g in enumerate(groups):
         classes = g.get("classes") if isinstance(g, dict) else g
@@ -40,7 +41,7 @@ def load_groups(run: RunDir, n_classes: int) -> list[list[int]]:
             or not all(isinstance(c, int) and 0 <= c < n_classes for c in classes)
         ):
             raise SpecialistsError(
-                f"{run.clusters}: group {i} is not a list of class indices below {n_classes}"
+                f"{clusters}: group {i} is not a list of class indices below {n_classes}"
             )
         out.append(sorted(classes))
     return out
@@ -61,7 +62,7 @@ def train_specialists(
     run = RunDir.of(run_dir)
     run.require_generalist()
     grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
-    groups = load_groups(run, grec.n_classes)
+    groups = load_groups(run.clusters, grec.n_classes)
     ids = range(len(groups)) if only is None else only
     bad = [i for i in ids if not 0 <= i < len(groups)]
     if bad:
@@ -79,7 +80,7 @@ def train_specialists(
 
 
 # The demo: the whole pipeline on the embedded data, sized for a laptop's CPU (a few minutes).
-DEMO_GENERALIST = GeneralistConfig(data="embedded:n_classes=40,n_groups=8", epochs=20, patience=4)
+DEMO_GENERALIST = GeneralistConfig(data="embedded:n_classes=40,n_groups=8", epochs=30, patience=4)
 DEMO_SPECIALISTS = SpecialistConfig()
 
 

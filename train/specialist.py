@@ -61,7 +61,7 @@ class SpecialistConfig:
     )
     temperature: float = 3.0
     trainable: str = "all"  # all | last (the last stage and the head) | head
-    head_init: str = "copy"  # copy | random
+    head_init: str = "random"  # random | copy (DESIGN §1b and the demo measured random ahead)
     correction: str = "gated"  # gated | natural | none
     seed: int = 0
     amp: str = "auto"
@@ -177,8 +177,10 @@ def train_specialist(
     device: str = "auto",
     threads: int | None = None,
     progress: bool = False,
+    out_dir: str | Path | None = None,
 ) -> SpecialistRecord:
-    """Train specialist ``spec_id`` for ``classes`` and write ``RUN/specialists/NNN.{safetensors,json}``."""
+    """Train specialist ``spec_id`` for ``classes`` and write ``NNN.{safetensors,json}`` into
+    ``out_dir`` (default ``RUN/specialists``)."""
     t0 = time.perf_counter()
     run = RunDir.of(run_dir)
     dev = resolve_device(device)
@@ -312,7 +314,7 @@ def train_specialist(
         "n_group_train": int(len(sampler.inside)),
     }
 
-    spec_dir = run.specialists_dir
+    spec_dir = Path(out_dir) if out_dir is not None else run.specialists_dir
     weights = spec_dir / f"{spec_id:03d}.safetensors"
     save_tensors(
         weights, model.state_dict(), {"architecture": grec.architecture, "classes": len(classes)}
