@@ -364,6 +364,11 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=int, help="parallel specialist jobs (default: one per core or GPU)"
     )
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="also train and report the controls (about 90 s more)",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -374,6 +379,17 @@ def _demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     m = run_demo(args.out, args.workers, progress=not args.quiet)
+    if args.controls:
+        from train.controls import evaluate_controls, run_controls
+
+        print("[+] controls: random groups, extra-compute generalist, plain ensemble")
+        results = run_controls(args.out, args.workers, progress=not args.quiet)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise SpecialistsError(
+                f"control job {failed[0].job.out}/{failed[0].job.spec_id} failed: {failed[0].error} (rerun to retry)"
+            )
+        m = evaluate_controls(args.out)
     print()
     print(format_metrics(m))
     print(

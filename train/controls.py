@@ -296,6 +296,13 @@ def evaluate_controls(run_dir: str | Path, top_n: int = 1, device: str = "auto")
             f"{100 * gain:.2f} points; random groups of the same sizes recover the other "
             f"{100 * (1 - share):.0f}%"
         )
+        best = max(m["controls"], key=lambda r: r["accuracy"])
+        if best["accuracy"] >= m["ensemble_accuracy"]:
+            m["verdict"] += (
+                f"; but the {best['name']} control reaches {100 * best['accuracy']:.2f}% "
+                f"(ensemble {100 * m['ensemble_accuracy']:.2f}%): here the same compute "
+                "spent otherwise does as well"
+            )
     else:
         m["specialisation_share"] = None
         m["verdict"] = (
