@@ -169,3 +169,25 @@ def test_cli_train_bad_input(tmp_path, run_dir, capsys):
     assert "--only 9: no such group" in capsys.readouterr().err
     assert main(["train", str(run_dir), "--enrich-fraction", "1.5", "--quiet"]) == 2
     assert "enrich_fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["head", "last"])
+def test_cheap_specialists_train_only_the_last_stages(mode):
+    from specialists.models import get_classifier
+    from train.specialist import _set_trainable
+
+    model = create_model("test_efficientnet", 5, 3)
+    _set_trainable(model, mode)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {
+        n
+        for n, p in model.named_parameters()
+        if any(p is q for q in get_classifier(model).parameters())
+    }
+    assert head <= trainable
+    assert len(trainable) < len(list(model.parameters()))
+    if mode == "head":
+        assert trainable == head
+    else:
+        assert len(trainable) > len(head)
+        assert not any(n.startswith(("conv_stem", "bn1", "blocks.0.")) for n in trainable)
