@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import manifest
 from .combiner import GroupIndex, combine, gate
 from .errors import SpecialistsError
 from .io import file_sha256, load_json, load_tensors
@@ -93,6 +94,7 @@ class Ensemble:
         generalist, record = load_generalist(run.root, dev)
         base = run.root / variant if variant else run.root
         clusters, spec_dir = base / "clusters.json", base / "specialists"
+        manifest.verify(run.root, clusters)
         groups = load_groups(clusters, record.n_classes)
         if not 1 <= top_n <= record.n_classes:
             raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
@@ -104,6 +106,7 @@ class Ensemble:
                 raise SpecialistsError(
                     f"{rec_path}: specialist {i} is missing (run `specialists train {run.root}`)"
                 )
+            manifest.verify(run.root, rec_path, weights)
             rec = SpecialistRecord.from_dict(load_json(rec_path), rec_path)
             if rec.generalist_sha256 != record.weights_sha256:
                 raise SpecialistsError(

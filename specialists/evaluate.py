@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest
 from .errors import SpecialistsError
 from .io import atomic_path, save_json
 from .run import RunDir
@@ -200,4 +201,5 @@ def evaluate_run(
     )
     save_json(run.metrics, m)
     plot_coverage(m, run.root / "coverage.png")
+    manifest.register(run.root, run.metrics, run.root / "coverage.png")
     return m

@@ -20,9 +20,9 @@ from clustering import (
     save_report,
 )
 
+from . import manifest
 from .errors import SpecialistsError
-from .io import load_json, load_npy
-from .records import GeneralistRecord
+from .io import load_npy
 from .run import RunDir
 
 __all__ = ["ClusterConfig", "cluster_run", "summarize_clusters"]
@@ -79,7 +79,7 @@ def cluster_run(
     cfg = cfg or ClusterConfig()
     run = RunDir.of(run_dir)
     run.require_generalist()
-    grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+    grec = run.generalist()
     k = grec.n_classes
     if cfg.n_groups is not None and not 1 <= cfg.n_groups <= k:
         raise SpecialistsError(
@@ -89,6 +89,7 @@ def cluster_run(
         raise SpecialistsError(
             f"--group-size {cfg.group_size}: must be between 2 and the number of classes ({k})"
         )
+    manifest.verify(run.root, run.val_probs, run.val_labels)
     probs, labels = _load_predictions(run, k)
     stats = PredictionStats(k)
     try:
@@ -155,6 +156,7 @@ def cluster_run(
         class_names=grec.class_names,
         title=f"{cfg.matrix} of the generalist's predictions, by group",
     )
+    manifest.register(run.root, run.clusters, run.clusters_png)
     return report
 
 

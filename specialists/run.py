@@ -79,6 +79,16 @@ class RunDir:
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 
+    def generalist(self):
+        """The generalist's record, checked against the run's manifest."""
+        from . import manifest
+        from .io import load_json
+        from .records import GeneralistRecord
+
+        self.require_generalist()
+        manifest.verify(self.root, self.generalist_record)
+        return GeneralistRecord.from_dict(load_json(self.generalist_record), self.generalist_record)
+
     def require_generalist(self) -> None:
         if not self.root.is_dir():
             raise SpecialistsError(f"{self.root}: run directory not found")

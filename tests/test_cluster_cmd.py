@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from specialists import manifest
 from specialists.cli import main
 from specialists.io import save_npy
 from specialists.run import RunDir
@@ -71,21 +72,26 @@ def test_bad_runs_are_one_line(run_dir, tmp_path, capsys):  # noqa: F811
     (tmp_path / "nogen").mkdir()
     assert main(["cluster", str(tmp_path / "nogen"), "--quiet"]) == 2
     assert "no trained generalist" in capsys.readouterr().err
-    out = tmp_path / "nan"
+    out = tmp_path / "broken"
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists"))
-    probs = np.load(RunDir.of(out).val_probs)
+    run = RunDir.of(out)
+    probs = np.load(run.val_probs)
     probs[3, 2] = np.nan
-    save_npy(RunDir.of(out).val_probs, probs)
+    save_npy(run.val_probs, probs)
+    # changed behind the run's back: the manifest catches it
     assert main(["cluster", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert (
-        "val_probs.npy" in err
-        and ("NaN" in err or "nan" in err or "finite" in err)
-        and err.count("\n") == 1
+        "val_probs.npy: checksum does not match the run's manifest" in err and err.count("\n") == 1
     )
-    RunDir.of(out).val_probs.unlink()
+    # a generalist that really produced NaN (registered as such): the statistics refuse it
+    manifest.register(run.root, run.val_probs)
     assert main(["cluster", str(out), "--quiet"]) == 2
-    assert "validation predictions are missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "val_probs.npy" in err and "NaN" in err and err.count("\n") == 1, err
+    run.val_probs.unlink()
+    assert main(["cluster", str(out), "--quiet"]) == 2
+    assert "val_probs.npy: missing" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def _broken_copy(src, dst, breakage):
         (lambda r: (r.specialists_dir / "001.json").unlink(), "specialist 1 is missing"),
         (
             lambda r: (r.specialists_dir / "002.safetensors").write_bytes(b"\x00" * 10),
-            "002.safetensors: checksum does not match",
+            "002.safetensors: 10 bytes, the run's manifest says",
         ),
         (
             lambda r: save_json(
@@ -123,7 +123,7 @@ def _broken_copy(src, dst, breakage):
         ),
         (
             lambda r: (r.specialists_dir / "000.json").write_text("{not json"),
-            "000.json: not valid JSON",
+            "000.json: 9 bytes, the run's manifest says",
         ),
         (lambda r: r.clusters.unlink(), "no clusters in this run"),
     ],

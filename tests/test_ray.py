@@ -14,7 +14,7 @@ from .test_specialists import GROUPS, run_dir  # noqa: F401  (the shared tiny ru
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")

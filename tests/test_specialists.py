@@ -125,6 +125,7 @@ def test_local_backend_two_workers(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_killed_job_is_isolated_and_the_rerun_trains_only_it(tmp_path, run_dir):
     import shutil
 

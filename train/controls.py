@@ -176,7 +176,7 @@ def run_controls(
 
     run = RunDir.of(run_dir)
     run.require_generalist()
-    grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+    grec = run.generalist()
     groups = load_groups(run.clusters, grec.n_classes)
     specs = _specialist_records(run, len(groups))
     cfg = SpecialistConfig(**specs[0].config)
@@ -234,7 +234,7 @@ def control_rows(
 
     run = RunDir.of(run_dir)
     dev = resolve_device(device)
-    grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+    grec = run.generalist()
     groups = load_groups(run.clusters, grec.n_classes)
     n = len(groups)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specialists import manifest
 from specialists.config import write_config
 from specialists.errors import SpecialistsError
 from specialists.io import (
@@ -191,7 +192,7 @@ def train_generalist(
         scheduler.load_state_dict(state["scheduler"])
         history, best, best_state = state["history"], state["best"], state["best_model"]
         start_epoch = state["epoch"]
-        log.info("resuming %s from epoch %d", run.root, start_epoch)
+        log.warning("resuming %s from epoch %d", run.root, start_epoch)
 
     log.info(
         "generalist %s (%.2fM params) on %s: %d classes, %d train / %d val images, input %d, device %s%s",
@@ -317,6 +318,15 @@ def train_generalist(
     save_json(
         run.generalist_record, record.to_dict()
     )  # written last: marks the generalist complete
+    manifest.register(
+        run.root,
+        run.config,
+        run.history,
+        run.generalist_weights,
+        run.val_probs,
+        run.val_labels,
+        run.generalist_record,
+    )
     _remove_tree(run.resume_dir)
     return record
 
@@ -335,6 +345,7 @@ def load_generalist(
 
     run = RunDir.of(run_dir)
     run.require_generalist()
+    manifest.verify(run.root, run.generalist_record, run.generalist_weights)
     record = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
     if file_sha256(run.generalist_weights) != record.weights_sha256:
         raise SpecialistsError(

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from specialists import manifest
 from specialists.errors import SpecialistsError
 from specialists.io import file_sha256, load_json, save_json
 from specialists.run import RunDir
@@ -80,8 +81,10 @@ def finished_record(
     if not rec_path.is_file() or not weights.is_file():
         return None
     try:
+        manifest.verify(run.root, rec_path, weights)
         rec = _record_type(job).from_dict(load_json(rec_path), rec_path)
-    except SpecialistsError:
+    except SpecialistsError as e:
+        log.warning("%s; it will be trained again", e)
         return None
     if rec.config != asdict(cfg) or rec.generalist_sha256 != generalist_sha:
         return None
@@ -105,6 +108,7 @@ def pending_jobs(
             todo.append(job)
         else:
             done.append(JobResult(job, True, rec, skipped=True))
+            manifest.register(run.root, *_paths(run, job)[:2])
     return todo, done
 
 
@@ -243,6 +247,8 @@ def run_local(
                     continue  # both its pipe and its sentinel fired
                 job, code = slot.finish()
                 results.append(_collect(run, job, code))
+                if results[-1].ok:
+                    manifest.register(run.root, *_paths(run, job)[:2])
                 bar.update(1)
                 r = results[-1]
                 bar.write(
@@ -320,6 +326,7 @@ def run_ray(
         try:
             rec = _record_type(job).from_dict(ray.get(done[0]))
             results.append(JobResult(job, True, rec))
+            manifest.register(run.root, *_paths(run, job)[:2])
             bar.write(_describe(rec))
         except Exception as e:  # RayTaskError wraps the job's own exception
             cause = getattr(e, "cause", None) or e

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from specialists import manifest
 from specialists.config import write_config
 from specialists.errors import SpecialistsError
 from specialists.io import load_json
-from specialists.records import GeneralistRecord
 from specialists.run import RunDir
 
 from .data import DataSpec, load_data
@@ -61,7 +61,8 @@ def train_specialists(
     cfg = cfg or SpecialistConfig()
     run = RunDir.of(run_dir)
     run.require_generalist()
-    grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+    grec = run.generalist()
+    manifest.verify(run.root, run.clusters)
     groups = load_groups(run.clusters, grec.n_classes)
     ids = range(len(groups)) if only is None else only
     bad = [i for i in ids if not 0 <= i < len(groups)]
@@ -95,7 +96,7 @@ def run_demo(out: str | Path, workers: int | None = None, progress: bool = True,
     run = RunDir.of(out)
     say(f"[1/4] generalist ({DEMO_GENERALIST.model} on {DEMO_GENERALIST.data})")
     if run.generalist_record.is_file():
-        grec = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+        grec = run.generalist()
         say("      already trained")
     else:
         grec = train_generalist(DEMO_GENERALIST, run.root, progress=progress)
