@@ -151,5 +151,5 @@ def choose_grouping(
         model = ConfusionClustering(g_req, min_size=min_size, top_m=top_m, **params).fit(m)
     if top_m is not None:
         reason += f"; kept the {len(model.groups_)} groups holding the most confusion (top_m)"
-    logger.info("chose %s", reason)
+    logger.debug("chose %s", reason)
     return GroupingChoice(model, n_groups, mode, group_size, captured, baseline, reason, scan)

@@ -150,7 +150,7 @@ class ConfusionClustering(BaseEstimator):
         self.inertia_ = inertia
         self.n_classes_ = k
         self.n_features_ = points.shape[1]
-        logger.info(
+        logger.debug(
             "%d %s groups over %d classes (sizes %s), %d classes covered",
             len(self.groups_),
             self.mode,

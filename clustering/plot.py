@@ -102,5 +102,5 @@ def plot_grouped_matrix(
 
     with atomic_target(path) as tmp:
         fig.savefig(tmp, format="png")
-    logger.info("wrote %s", path)
+    logger.debug("wrote %s", path)
     return Path(path)

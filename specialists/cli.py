@@ -298,14 +298,16 @@ def _predict(args: argparse.Namespace) -> int:
     from specialists.ensemble import Ensemble
     from specialists.imageio import read_images
 
+    if args.top_k < 1:
+        raise SpecialistsError(f"--top-k {args.top_k}: must be >= 1")
     ens = Ensemble.load(args.run, args.device, args.top_n)
     images = read_images(args.images, ens.record.input_size, ens.record.in_chans)
     out = ens.run_batch(images)
     names = ens.record.class_names
     for path, q, consulted in zip(args.images, out.q, out.consulted):
         top = np.argsort(-q)[: args.top_k]
-        used = ", ".join(str(i) for i in consulted) if consulted else "none (generalist only)"
-        print(f"{path}  [specialists consulted: {used}]")
+        used = ", ".join(f"#{i}" for i in consulted) if consulted else "none (generalist only)"
+        print(f"{path}  [consulted specialist(s): {used}]")
         for c in top:
             print(f"  {q[c]:7.4f}  {names[c]}")
     return 0
@@ -367,7 +369,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--controls",
         action="store_true",
-        help="also train and report the controls (about 90 s more)",
+        help="also train and report the controls (about 2 minutes more)",
     )
 
 
@@ -487,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_handler", None):
         parser.print_help()
         return 2
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates CPU feature probing
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",

@@ -102,10 +102,11 @@ class Ensemble:
         for i, classes in enumerate(groups):
             rec_path = spec_dir / f"{i:03d}.json"
             weights = spec_dir / f"{i:03d}.safetensors"
-            if not rec_path.is_file() or not weights.is_file():
-                raise SpecialistsError(
-                    f"{rec_path}: specialist {i} is missing (run `specialists train {run.root}`)"
-                )
+            for path in (rec_path, weights):
+                if not path.is_file():
+                    raise SpecialistsError(
+                        f"{path}: specialist {i} is missing (run `specialists train {run.root}`)"
+                    )
             manifest.verify(run.root, rec_path, weights)
             rec = SpecialistRecord.from_dict(load_json(rec_path), rec_path)
             if rec.generalist_sha256 != record.weights_sha256:

@@ -121,7 +121,6 @@ def cluster_run(
                     top_m=cfg.top_m,
                     **params,
                 ).fit(matrix)
-            log.info("grouping chosen from the data: %s", choice.reason)
         else:
             model = ConfusionClustering(
                 cfg.n_groups,
@@ -167,7 +166,12 @@ def summarize_clusters(report: dict) -> str:
     q = report["quality"]
     lines = []
     if report.get("choice"):
-        lines.append(f"chosen from the data: {report['choice']['reason']}")
+        c = report["choice"]
+        lines.append(
+            f"chosen from the data: {len(groups)} groups, the count whose groups hold the most confusion "
+            f"above what random groups of the same sizes would hold (the fewest groups on ties; "
+            f"{len(c['scan'])} counts scanned, details in clusters.json)"
+        )
     size_text = (
         f"{sizes[0]}"
         if sizes[0] == sizes[-1]

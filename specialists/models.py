@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ def create_model(
 ) -> nn.Module:
     """A timm model by name, randomly initialised (never downloads weights)."""
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise SpecialistsError(f"unknown timm model {name!r}{hint}")
     kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}

@@ -145,7 +145,7 @@ def test_predict_prints_classes_and_specialists(trained_run, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "specialists consulted:" in out and len(out.strip().splitlines()) == 4
+    assert "consulted specialist(s): #" in out and len(out.strip().splitlines()) == 4
     (tmp_path / "bad.png").write_bytes(b"")
     assert main(["predict", str(trained_run), str(tmp_path / "bad.png"), "--quiet"]) == 2
     assert "bad.png: unreadable image" in capsys.readouterr().err
