@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +160,3 @@ def check_writable(directory: str | os.PathLike) -> None:
     if not existed:
         with contextlib.suppress(OSError):
             directory.rmdir()
-
-
-def call_with_clean_errors(fn: Callable[[], Any], path: str | os.PathLike, what: str) -> Any:
-    """Run ``fn``; turn low-level errors into one line naming ``path``."""
-    try:
-        return fn()
-    except SpecialistsError:
-        raise
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SpecialistsError(f"{path}: {what} ({e})") from e

@@ -121,12 +121,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def set_cpu_threads(threads: int | None) -> int:
     """Use ``threads`` intra-op threads (default: the cores this process may use)."""
     if threads is None or threads <= 0:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:
-            threads = os.cpu_count() or 1
+        threads = available_cores()
     torch.set_num_threads(threads)
     return threads

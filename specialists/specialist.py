@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SpecialistsError
-from .models import create_model, get_classifier
+from .models import get_classifier
 from .records import SCHEMA_VERSION, record_from_dict
 
 __all__ = [
@@ -143,8 +143,3 @@ class SpecialistRecord:
                 f"{source}: logit_offset has {len(rec.logit_offset)} entries for {len(rec.classes)} classes + dustbin"
             )
         return rec
-
-
-def specialist_model(architecture: str, n_group: int, in_chans: int, input_size: int) -> nn.Module:
-    """An empty specialist network, to load saved weights into."""
-    return create_model(architecture, n_group + 1, in_chans, input_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -327,14 +328,8 @@ def train_generalist(
         run.val_labels,
         run.generalist_record,
     )
-    _remove_tree(run.resume_dir)
+    shutil.rmtree(run.resume_dir, ignore_errors=True)
     return record
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def load_generalist(

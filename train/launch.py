@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import signal
 import time
 import traceback
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from specialists import manifest
 from specialists.errors import SpecialistsError
 from specialists.io import file_sha256, load_json, save_json
+from specialists.models import available_cores
 from specialists.run import RunDir
 from specialists.specialist import SpecialistRecord, group_hash
 
@@ -162,20 +162,13 @@ def _slots(workers: int, device: str) -> list[tuple[str, int | None]]:
         return [(f"cuda:{i % n_gpu}", 1) for i in range(workers)]
     if device.startswith("cuda"):
         return [(device, 1)] * workers
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return [("cpu", max(1, cores // workers))] * workers
+    return [("cpu", max(1, available_cores() // workers))] * workers
 
 
 def default_workers(device: str) -> int:
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.cuda.device_count()
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return available_cores()
 
 
 def _describe(rec) -> str:
@@ -302,7 +295,7 @@ def run_ray(
         kwargs = (
             {"address": address}
             if address
-            else {"num_cpus": os.cpu_count(), "include_dashboard": False}
+            else {"num_cpus": available_cores(), "include_dashboard": False}
         )
         ray.init(
             ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING, **kwargs
@@ -363,7 +356,7 @@ def run_jobs(
         log.info("training %d specialist(s) with %d local worker(s)", len(todo), n)
         results = run_local(run, todo, cfg, min(n, len(todo)), device, progress)
     elif backend == "ray":
-        cpus = 1 if workers is None else max(1, (os.cpu_count() or 1) // workers)
+        cpus = 1 if workers is None else max(1, available_cores() // workers)
         gpus = 1.0 if (device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
         results = run_ray(run, todo, cfg, ray_address, cpus, gpus, progress)
     else:
