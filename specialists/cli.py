@@ -149,8 +149,8 @@ def _cluster(args: argparse.Namespace) -> int:
 # train (specialists)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="run directory with a generalist and clusters.json")
+def _launcher_args(p: argparse.ArgumentParser) -> None:
+    """Options of the parallel launcher, shared by `train` and `controls`."""
     p.add_argument(
         "--workers", type=int, help="parallel jobs (default: one per GPU, else one per CPU core)"
     )
@@ -163,8 +163,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray-address", help="Ray cluster address (default: start a local Ray instance)"
     )
-    p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3,7")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with a generalist and clusters.json")
+    _launcher_args(p)
+    p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3,7")
     p.add_argument(
         "--config", help="YAML file with any of the options below (command-line flags win)"
     )
@@ -319,16 +324,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _controls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
-    p.add_argument(
-        "--workers", type=int, help="parallel jobs (default: one per GPU, else one per CPU core)"
-    )
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
-    p.add_argument(
-        "--ray-address", help="Ray cluster address (default: start a local Ray instance)"
-    )
+    _launcher_args(p)
     p.add_argument("--top-n", type=int, default=1, help="gating for the evaluation (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random groups and the copies")
-    p.add_argument("--device", default="auto")
 
 
 def _controls(args: argparse.Namespace) -> int:

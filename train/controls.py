@@ -284,8 +284,8 @@ def evaluate_controls(run_dir: str | Path, top_n: int = 1, device: str = "auto")
         m = evaluate_run(run.root, top_n=top_n, device=device)
     ens = Ensemble.load(run.root, device, top_n)
     part = load_data(DataSpec.from_dict(ens.record.data)).test
-    out = ens.run_batch(part.images)
-    m["controls"] = control_rows(run.root, part.images, part.labels, out.p_g, top_n, device)
+    p_g = ens.generalist_proba(part.images)  # the controls only need the generalist's view
+    m["controls"] = control_rows(run.root, part.images, part.labels, p_g, top_n, device)
     gain = m["ensemble_accuracy"] - m["generalist_accuracy"]
     rand = next(r for r in m["controls"] if r["name"] == "random groups")
     if gain > 0:

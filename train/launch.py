@@ -108,7 +108,6 @@ def pending_jobs(
             todo.append(job)
         else:
             done.append(JobResult(job, True, rec, skipped=True))
-            manifest.register(run.root, *_paths(run, job)[:2])
     return todo, done
 
 
