@@ -125,7 +125,16 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
         help="number of groups (default: chosen from the measured confusion)",
     )
     p.add_argument("--group-size", type=int, help="overlapping mode: classes per group")
-    p.add_argument("--min-size", type=int, help="disjoint mode: smallest group")
+    p.add_argument(
+        "--min-size",
+        type=int,
+        help="disjoint mode: smallest group (default: enough classes for --min-group-images)",
+    )
+    p.add_argument(
+        "--min-group-images",
+        type=int,
+        help="training images a specialist needs at least (default 1000; sets the smallest group)",
+    )
     p.add_argument("--max-size", type=int, help="disjoint mode: largest group")
     p.add_argument("--top-m", type=int, help="keep only the M groups holding the most confusion")
     p.add_argument("--n-init", type=int, help="k-means restarts, best objective kept (default 5)")
@@ -269,8 +278,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--top-n",
         type=int,
-        default=1,
-        help="consult the specialists of the generalist's top-n classes (default 1)",
+        help="consult the specialists of the generalist's top-n classes "
+        "(default: the width calibrated on validation, else 1)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -292,7 +301,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument(
-        "--top-n", type=int, default=1, help="gating: specialists of the generalist's top-n classes"
+        "--top-n",
+        type=int,
+        help="gating: specialists of the generalist's top-n classes (default: calibrated, else 1)",
     )
     p.add_argument("--device", default="auto")
 
@@ -325,7 +336,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _controls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
     _launcher_args(p)
-    p.add_argument("--top-n", type=int, default=1, help="gating for the evaluation (default 1)")
+    p.add_argument("--top-n", type=int, help="gating for the evaluation (default: calibrated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random groups and the copies")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from . import manifest
+from .calibrate import COMBINATION_FILE, Combination, load_combination, specialist_offsets
 from .combiner import GroupIndex, combine, gate
 from .errors import SpecialistsError
 from .io import file_sha256, load_json, load_tensors
@@ -48,28 +50,33 @@ class Ensemble:
         record: GeneralistRecord,
         specialists: list[SpecialistRecord],
         device: torch.device,
-        top_n: int = 1,
+        top_n: int | None = None,
         cache_size: int | None = None,
         batch_size: int = 512,
         spec_dir: Path | None = None,
+        combination: Combination | None = None,
     ) -> None:
         from train.generalist import make_transforms
 
-        self.run, self.generalist, self.record, self.specialists = (
-            run,
-            generalist,
-            record,
-            specialists,
-        )
-        self.device, self.top_n, self.batch_size = device, top_n, batch_size
+        comb = combination or Combination()
+        if top_n is not None:
+            comb = replace(comb, top_n=top_n)
+        self.combination = comb
+        self.run, self.generalist, self.record = run, generalist, record
+        self.all_specialists = specialists
+        keep = None if comb.keep is None else set(comb.keep)
+        self.specialists = [s for s in specialists if keep is None or s.id in keep]
+        self.device, self.top_n, self.batch_size = device, comb.top_n, batch_size
         self.cache_size = cache_size
         self.spec_dir = spec_dir or run.specialists_dir
         self.groups = GroupIndex.from_lists(
-            [s.classes for s in specialists], n_classes=record.n_classes
+            [s.classes for s in self.specialists], n_classes=record.n_classes
         ).to(device)
         self.offsets = [
-            torch.tensor(s.logit_offset, dtype=torch.float32, device=device) for s in specialists
+            torch.tensor(specialist_offsets(s, comb.correction), dtype=torch.float32, device=device)
+            for s in self.specialists
         ]
+        self.spec_weights = [comb.spec_weight] * len(self.specialists)
         self.transform = make_transforms(record)[1]
         self._cache: OrderedDict[int, nn.Module] = OrderedDict()
 
@@ -80,12 +87,17 @@ class Ensemble:
         cls,
         run_dir: str | Path,
         device: str = "auto",
-        top_n: int = 1,
+        top_n: int | None = None,
         cache_size: int | None = None,
         variant: str | None = None,
+        combination: Combination | None = None,
     ) -> Ensemble:
         """Load a run's ensemble, validating every file; ``variant`` (e.g. ``controls/random``)
-        reads the groups and specialists from that subfolder instead."""
+        reads the groups and specialists from that subfolder instead.
+
+        The combination is ``combination`` if given, else the one calibrated on validation
+        (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
+        equal weights); ``top_n`` overrides its gating width."""
         from train.generalist import load_generalist
         from train.pipeline import load_groups
 
@@ -96,8 +108,12 @@ class Ensemble:
         clusters, spec_dir = base / "clusters.json", base / "specialists"
         manifest.verify(run.root, clusters)
         groups = load_groups(clusters, record.n_classes)
-        if not 1 <= top_n <= record.n_classes:
+        if top_n is not None and not 1 <= top_n <= record.n_classes:
             raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
+        if combination is None:
+            if (base / COMBINATION_FILE).is_file():
+                manifest.verify(run.root, base / COMBINATION_FILE)
+            combination = load_combination(base) or Combination()
         specs = []
         for i, classes in enumerate(groups):
             rec_path = spec_dir / f"{i:03d}.json"
@@ -124,15 +140,28 @@ class Ensemble:
                     f"{weights}: checksum does not match {rec_path} (file changed or truncated)"
                 )
             specs.append(rec)
-        return cls(run, generalist, record, specs, dev, top_n, cache_size, spec_dir=spec_dir)
+        return cls(
+            run,
+            generalist,
+            record,
+            specs,
+            dev,
+            top_n,
+            cache_size,
+            spec_dir=spec_dir,
+            combination=combination,
+        )
 
     def specialist(self, m: int) -> nn.Module:
-        """Specialist ``m``, loaded on first use; the least recently used is evicted when the
-        cache is full."""
+        """The ``m``-th active specialist, loaded on first use; the least recently used is
+        evicted when the cache is full."""
+        return self.load_specialist(self.specialists[m])
+
+    def load_specialist(self, rec: SpecialistRecord) -> nn.Module:
+        m = rec.id
         if m in self._cache:
             self._cache.move_to_end(m)
             return self._cache[m]
-        rec = self.specialists[m]
         path = self.spec_dir / f"{rec.id:03d}.safetensors"
         model = create_model(
             rec.architecture, len(rec.classes) + 1, self.record.in_chans, self.record.input_size
@@ -187,7 +216,11 @@ class Ensemble:
                 if len(rows):
                     logits = self.specialist(m)(x[rows]).float() + self.offsets[m]
                     outputs.append(torch.softmax(logits, 1))
-            q = combine(p_g, outputs, pairs, self.groups) if outputs else p_g
+            q = (
+                combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
+                if outputs
+                else p_g
+            )
             by_row: list[list[int]] = [[] for _ in range(len(x))]
             for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
                 by_row[r].append(self.specialists[s].id)

@@ -156,7 +156,7 @@ def evaluate_run(
     run_dir: str | Path,
     data: str | None = None,
     split: str = "test",
-    top_n: int = 1,
+    top_n: int | None = None,
     device: str = "auto",
     cache_size: int | None = None,
 ) -> dict:
@@ -193,7 +193,8 @@ def evaluate_run(
         {
             "split": split,
             "data": spec.describe(),
-            "top_n": top_n,
+            "top_n": ens.top_n,
+            "combination": {k: v for k, v in ens.combination.to_dict().items() if k != "chosen_on"},
             "generalist_images_per_second": round(g_ips, 1),
             "ensemble_images_per_second": round(e_ips, 1),
             "mean_specialists_consulted": round(float(np.mean([len(c) for c in out.consulted])), 3),

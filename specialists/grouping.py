@@ -6,6 +6,7 @@ The numerics live in the ``clustering`` package; this module connects it to a ru
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +40,8 @@ class ClusterConfig:
     mode: str = "disjoint"  # disjoint | overlapping
     n_groups: int | None = None
     group_size: int | None = None  # overlapping mode: classes per group
-    min_size: int | None = None
+    min_size: int | None = None  # default: enough classes for min_group_images
+    min_group_images: int = 1000  # training images a specialist needs (DESIGN §1b: tiny groups overfit)
     max_size: int | None = None
     top_m: int | None = None  # keep the M groups holding the most confusion
     n_init: int = 5
@@ -100,6 +102,18 @@ def cluster_run(
     confusion = stats.confusion()
     matrix = stats.covariance() if cfg.matrix == "covariance" else confusion.astype(np.float64)
 
+    min_size = cfg.min_size
+    if min_size is None:
+        per_class = grec.metrics.get("n_train", 0) / k
+        min_size = max(3, math.ceil(cfg.min_group_images / per_class)) if per_class else 3
+        if min_size > k // 2:
+            min_size = max(1, k // 2)
+        log.info(
+            "smallest group: %d classes (%.0f training images per class, %d needed per specialist)",
+            min_size,
+            per_class,
+            cfg.min_group_images,
+        )
     params = dict(method=cfg.method, n_init=cfg.n_init, random_state=cfg.seed)
     choice = None
     try:
@@ -110,7 +124,7 @@ def cluster_run(
                 if v is not None
             }
             choice = choose_grouping(
-                matrix, k, mode=cfg.mode, min_size=cfg.min_size or 3, **params, **extra
+                matrix, k, mode=cfg.mode, min_size=min_size, **params, **extra
             )
             model = choice.model
             if cfg.mode == "overlapping" and cfg.group_size is not None:

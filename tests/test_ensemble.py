@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
+from specialists.calibrate import Combination, collect, kept_specialists, score
 from specialists.cli import main
 from specialists.ensemble import Ensemble
 from specialists.errors import SpecialistsError
@@ -74,7 +75,7 @@ def trained_run(run_dir, tmp_path_factory):  # noqa: F811
 
 
 def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
-    ens = Ensemble.load(trained_run)
+    ens = Ensemble.load(trained_run, combination=Combination())  # the paper's: top-1, all
     images = load_data(TINY_DATA).test.images[:20]
     out = ens.run_batch(images)
     assert out.q.shape == (20, 12) and np.allclose(out.q.sum(1), 1, atol=1e-5)
@@ -83,10 +84,60 @@ def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
     # every example consults exactly the specialist of its generalist's top class (top-1 gating)
     top = out.p_g.argmax(1)
     assert out.consulted == [[int(t) // 4] for t in top]
-    small_cache = Ensemble.load(trained_run, cache_size=1)
+    small_cache = Ensemble.load(trained_run, cache_size=1, combination=Combination())
     assert np.allclose(small_cache.predict_proba(images), out.q, atol=1e-6)
     with pytest.raises(SpecialistsError, match="expected uint8 images of shape"):
         ens.predict_proba(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+
+
+def test_offline_scoring_matches_the_ensemble(trained_run):
+    # calibration and the ablations score combinations from stored outputs; they must agree
+    # with what the ensemble itself computes
+    images = load_data(TINY_DATA).test
+    for comb in (
+        Combination(),
+        Combination(2, 4.0, "none"),
+        Combination(3, 0.5, "natural", [0, 2]),
+    ):
+        ens = Ensemble.load(trained_run, combination=comb)
+        col = collect(ens, images.images, images.labels)
+        q_offline = score(col, comb)["q"].numpy()
+        assert np.allclose(q_offline, ens.run_batch(images.images).q, atol=1e-4)
+
+
+def test_training_calibrates_the_combination_on_validation(trained_run):
+    run = RunDir.of(trained_run)
+    comb = Combination.from_dict(json.loads((run.root / "ensemble.json").read_text()))
+    grid = comb.chosen_on["grid"]
+    assert len(grid) == 3 * 5 * 3  # top-n x weights x corrections
+    assert comb.chosen_on["accuracy"] == max(g["accuracy"] for g in grid)
+    # the stored score is reproduced from scratch on the validation split
+    val = load_data(TINY_DATA).val
+    col = collect(Ensemble.load(run.root, combination=Combination()), val.images, val.labels)
+    assert score(col, comb)["accuracy"] == pytest.approx(comb.chosen_on["accuracy"], abs=1e-6)
+    # a specialist worse than the generalist inside its group on validation is dropped
+    recs = col.records
+    expect = [
+        r.id for r in recs if r.metrics["in_group_acc"] >= r.metrics["generalist_in_group_acc"]
+    ]
+    assert comb.keep == expect == kept_specialists(recs)
+    # loading uses the calibrated combination unless told otherwise
+    ens = Ensemble.load(run.root)
+    assert (ens.top_n, ens.combination.spec_weight) == (comb.top_n, comb.spec_weight)
+    assert [s.id for s in ens.specialists] == comb.keep
+    assert Ensemble.load(run.root, top_n=3).top_n == 3
+
+
+def test_kept_specialists_rule():
+    from types import SimpleNamespace as R
+
+    recs = [
+        R(id=0, metrics={"in_group_acc": 0.9, "generalist_in_group_acc": 0.8}),
+        R(id=1, metrics={"in_group_acc": 0.7, "generalist_in_group_acc": 0.8}),
+        R(id=2, metrics={"in_group_acc": 0.8, "generalist_in_group_acc": 0.8}),
+        R(id=3, metrics={}),
+    ]
+    assert kept_specialists(recs) == [0, 2, 3]
 
 
 def test_evaluate_writes_the_metrics(trained_run, capsys):

@@ -194,9 +194,14 @@ def run_controls(
         Job(i, (), out=PLAIN_DIR, kind="finetune", examples=max(1, total // n), seed=seed + 1 + i)
         for i in range(n)
     ]
-    return run_jobs(
+    results = run_jobs(
         run, jobs, cfg, grec.weights_sha256, backend, workers, device, ray_address, progress
     )
+    if all(r.ok for r in results):  # the random groups are combined as the run's own are
+        from specialists.calibrate import calibrate_run
+
+        calibrate_run(run.root, device, variant=RANDOM_DIR)
+    return results
 
 
 def _finetuned_proba(
@@ -223,7 +228,7 @@ def control_rows(
     images: np.ndarray,
     labels: np.ndarray,
     p_g: np.ndarray,
-    top_n: int = 1,
+    top_n: int | None = None,
     device: str = "auto",
 ) -> list[dict]:
     """One metrics row per control, conditional accuracy on the run's own covered examples."""
@@ -270,7 +275,7 @@ def control_rows(
     return out
 
 
-def evaluate_controls(run_dir: str | Path, top_n: int = 1, device: str = "auto") -> dict:
+def evaluate_controls(run_dir: str | Path, top_n: int | None = None, device: str = "auto") -> dict:
     """Add the control rows and a verdict to ``RUN/metrics.json`` (evaluating the run first if
     needed); returns the updated metrics."""
     from specialists.ensemble import Ensemble
@@ -280,7 +285,7 @@ def evaluate_controls(run_dir: str | Path, top_n: int = 1, device: str = "auto")
 
     run = RunDir.of(run_dir)
     m = load_json(run.metrics) if run.metrics.is_file() else {}
-    if m.get("top_n") != top_n or m.get("split") != "test":
+    if m.get("split") != "test" or (top_n is not None and m.get("top_n") != top_n):
         m = evaluate_run(run.root, top_n=top_n, device=device)
     ens = Ensemble.load(run.root, device, top_n)
     part = load_data(DataSpec.from_dict(ens.record.data)).test

@@ -56,8 +56,11 @@ def train_specialists(
     device: str = "auto",
     ray_address: str | None = None,
     progress: bool = True,
+    calibrate: bool = True,
 ) -> list[JobResult]:
-    """Train one specialist per group of ``RUN/clusters.json`` (only the missing or changed ones)."""
+    """Train one specialist per group of ``RUN/clusters.json`` (only the missing or changed ones),
+    then, once every group has its specialist, choose the combination on validation
+    (``RUN/ensemble.json``, see :mod:`specialists.calibrate`)."""
     cfg = cfg or SpecialistConfig()
     run = RunDir.of(run_dir)
     run.require_generalist()
@@ -75,9 +78,15 @@ def train_specialists(
         log.info("caching the data arrays for the workers")
         cache_data(run, load_data(DataSpec.from_dict(grec.data)))
     write_config(run.root / "specialists.yaml", cfg)
-    return run_jobs(
+    results = run_jobs(
         run, jobs, cfg, grec.weights_sha256, backend, workers, device, ray_address, progress
     )
+    complete = all((run.specialists_dir / f"{i:03d}.json").is_file() for i in range(len(groups)))
+    if calibrate and complete and all(r.ok for r in results):
+        from specialists.calibrate import calibrate_run
+
+        calibrate_run(run.root, device)
+    return results
 
 
 # The demo: the whole pipeline on the embedded data, sized for a laptop's CPU (a few minutes).

@@ -47,9 +47,11 @@ class SpecialistConfig:
 
     enrich_fraction: float = 0.5  # share of every batch drawn from the group
     epochs: int = 8  # maximum; an epoch is `examples_per_epoch` examples, not a pass over the data
-    examples_per_epoch: int | None = (
-        None  # default: the group's training examples / enrich_fraction
-    )
+    # Default epoch: the group's training examples / enrich_fraction (one pass over the group),
+    # but at least `min_steps_per_epoch` batches, so a small group still gets enough updates
+    # between validations for early stopping to choose from.
+    examples_per_epoch: int | None = None
+    min_steps_per_epoch: int = 25
     patience: int = 3
     batch_size: int = 128
     optimizer: str = "adamw"
@@ -215,7 +217,10 @@ def train_specialist(
     ).to(dev)
     _set_trainable(model, cfg.trainable)
 
-    examples = cfg.examples_per_epoch or math.ceil(len(sampler.inside) / cfg.enrich_fraction)
+    examples = cfg.examples_per_epoch or max(
+        math.ceil(len(sampler.inside) / cfg.enrich_fraction),
+        cfg.min_steps_per_epoch * cfg.batch_size,
+    )
     steps = max(1, math.ceil(examples / cfg.batch_size))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, int(cfg.warmup_epochs * steps), cfg.epochs * steps)

@@ -1,0 +1,308 @@
+"""How the ensemble combines, chosen on validation data instead of assumed.
+
+Four choices decide whether specialists help or hurt (DESIGN §1b), and none has a value that is
+right for every dataset:
+
+- ``top_n``: how many of the generalist's top classes activate specialists (the paper: 1);
+- ``spec_weight``: the weight w of every specialist's KL term against the generalist's 1, so a
+  strong specialist can dominate inside its group (the weighted form of eq. 5);
+- ``correction``: the dustbin prior each specialist is moved to (``gated``: the share of its group
+  among the inputs that activate it; ``natural``: the share in the data; ``none``);
+- ``keep``: the specialists kept; one that is no more accurate inside its group than the
+  generalist on validation is dropped.
+
+``calibrate_run`` runs the generalist and every specialist once over the validation split (each
+specialist only on the inputs that the widest gate would send it), scores the whole grid offline
+with the EM combiner, and writes the winner to ``ensemble.json``, which ``Ensemble.load`` then
+uses. The same machinery (``collect`` and ``score``) serves the ablation benchmarks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import manifest
+from .combiner import GroupIndex, combine, gate
+from .errors import SpecialistsError
+from .io import load_json, save_json
+from .run import RunDir
+from .specialist import SpecialistRecord, prior_offsets
+
+__all__ = [
+    "CORRECTIONS",
+    "Collected",
+    "Combination",
+    "calibrate_run",
+    "collect",
+    "kept_specialists",
+    "load_combination",
+    "score",
+    "specialist_offsets",
+]
+
+log = logging.getLogger(__name__)
+
+CORRECTIONS = ("gated", "natural", "none")
+GRID_TOP_N = (1, 2, 3)
+GRID_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
+COMBINATION_FILE = "ensemble.json"
+
+
+@dataclass
+class Combination:
+    """How a run's ensemble combines; ``correction=None`` keeps each specialist's own, and
+    ``keep=None`` keeps every specialist (ids)."""
+
+    top_n: int = 1
+    spec_weight: float = 1.0
+    correction: str | None = None
+    keep: list[int] | None = None
+    chosen_on: dict = field(default_factory=dict)  # what the choice was based on (for the record)
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {self.top_n}")
+        if not self.spec_weight > 0:
+            raise ValueError(f"spec_weight must be > 0, got {self.spec_weight}")
+        if self.correction is not None and self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str | Path = COMBINATION_FILE) -> Combination:
+        try:
+            return cls(
+                top_n=int(d["top_n"]),
+                spec_weight=float(d["spec_weight"]),
+                correction=d.get("correction"),
+                keep=None if d.get("keep") is None else [int(i) for i in d["keep"]],
+                chosen_on=dict(d.get("chosen_on") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecialistsError(f"{source}: not a valid combination ({e})") from e
+
+    def describe(self) -> str:
+        corr = self.correction or "as trained"
+        kept = "all" if self.keep is None else str(len(self.keep))
+        return (
+            f"top-{self.top_n} gating, specialist weight {self.spec_weight:g}, "
+            f"dustbin correction {corr}, specialists kept: {kept}"
+        )
+
+
+def load_combination(base: Path) -> Combination | None:
+    """The calibrated combination stored in ``base/ensemble.json``, or None."""
+    path = Path(base) / COMBINATION_FILE
+    if not path.is_file():
+        return None
+    return Combination.from_dict(load_json(path), path)
+
+
+def specialist_offsets(rec: SpecialistRecord, correction: str | None) -> np.ndarray:
+    """The logit offsets of ``rec`` for a dustbin correction (None: the one it was trained with)."""
+    if correction is None:
+        return np.asarray(rec.logit_offset, dtype=np.float64)
+    target = {
+        "natural": rec.natural_prior,
+        "gated": rec.gated_prior,
+        "none": rec.train_fraction,
+    }[correction]
+    return prior_offsets(target, rec.train_fraction, len(rec.classes))
+
+
+# --------------------------------------------------------------------------------------------
+# Offline scoring: every model runs once, every combination is scored from the stored outputs
+
+
+@dataclass
+class Collected:
+    """Outputs of a generalist and its specialists on one labelled split.
+
+    ``rows[m]`` are the examples that the widest gate (``top_n_max``) sends to specialist m
+    (ascending) and ``logits[m]`` its raw logits on them (no dustbin correction)."""
+
+    p_g: torch.Tensor  # (N, K) float64
+    labels: np.ndarray  # (N,)
+    records: list[SpecialistRecord]
+    n_classes: int
+    top_n_max: int
+    rows: list[torch.Tensor]
+    logits: list[torch.Tensor]
+
+
+@torch.no_grad()
+def collect(ensemble, images: np.ndarray, labels: np.ndarray, top_n_max: int = 3) -> Collected:
+    """Run ``ensemble``'s generalist and every specialist over ``images`` once."""
+    top_n_max = min(top_n_max, ensemble.record.n_classes)
+    records = ensemble.all_specialists
+    groups = GroupIndex.from_lists([s.classes for s in records], ensemble.record.n_classes)
+    x_all = ensemble._check_images(images)
+    p_g = torch.from_numpy(ensemble.generalist_proba(x_all)).double()
+    pairs = gate(p_g, groups, top_n_max)
+    rows = pairs.per_specialist(len(records))
+    logits = []
+    for m, r in enumerate(rows):
+        model = ensemble.load_specialist(records[m])
+        out = []
+        for start in range(0, len(r), ensemble.batch_size):
+            idx = r[start : start + ensemble.batch_size]
+            x = ensemble.transform(x_all[idx].to(ensemble.device))
+            out.append(model(x).double().cpu())
+        width = len(records[m].classes) + 1
+        logits.append(torch.cat(out) if out else torch.zeros(0, width, dtype=torch.float64))
+    return Collected(
+        p_g, np.asarray(labels), records, ensemble.record.n_classes, top_n_max, rows, logits
+    )
+
+
+def score(col: Collected, comb: Combination) -> dict:
+    """Accuracy and mean negative log-likelihood of the ensemble combined as ``comb``."""
+    if comb.top_n > col.top_n_max:
+        raise ValueError(f"top_n {comb.top_n} > the collected top_n_max {col.top_n_max}")
+    keep = (
+        list(range(len(col.records)))
+        if comb.keep is None
+        else [i for i, r in enumerate(col.records) if r.id in set(comb.keep)]
+    )
+    labels = torch.from_numpy(col.labels)
+    if keep:
+        groups = GroupIndex.from_lists([col.records[i].classes for i in keep], col.n_classes)
+        pairs = gate(col.p_g, groups, comb.top_n)
+        blocks = []
+        for j, r in enumerate(pairs.per_specialist(len(keep))):
+            if len(r) == 0:
+                continue
+            m = keep[j]
+            pos = torch.searchsorted(col.rows[m], r)
+            off = torch.from_numpy(specialist_offsets(col.records[m], comb.correction))
+            blocks.append(torch.softmax(col.logits[m][pos] + off, 1))
+        q = (
+            combine(col.p_g, blocks, pairs, groups, spec_weights=[comb.spec_weight] * len(keep))
+            if blocks
+            else col.p_g
+        )
+        n_active = pairs.n_pairs
+    else:
+        q, n_active = col.p_g, 0
+    correct = q.argmax(1) == labels
+    nll = -torch.log(q[torch.arange(len(labels)), labels].clamp_min(1e-12)).mean()
+    return {
+        "accuracy": float(correct.double().mean()),
+        "nll": float(nll),
+        "mean_consulted": n_active / max(len(labels), 1),
+        "q": q,
+    }
+
+
+def kept_specialists(records: list[SpecialistRecord]) -> list[int]:
+    """Ids of the specialists at least as accurate inside their group as the generalist, on the
+    validation examples of the group (records without the measurement are kept)."""
+    keep = []
+    for r in records:
+        mine, theirs = r.metrics.get("in_group_acc"), r.metrics.get("generalist_in_group_acc")
+        if mine is None or theirs is None or mine >= theirs:
+            keep.append(r.id)
+    return keep
+
+
+def _grid(col: Collected, keep: list[int] | None) -> list[dict]:
+    grid = []
+    for top_n, w, corr in itertools.product(
+        [n for n in GRID_TOP_N if n <= col.top_n_max], GRID_WEIGHTS, CORRECTIONS
+    ):
+        s = score(col, Combination(top_n=top_n, spec_weight=w, correction=corr, keep=keep))
+        grid.append(
+            {
+                "top_n": top_n,
+                "spec_weight": w,
+                "correction": corr,
+                "accuracy": round(s["accuracy"], 6),
+                "nll": round(s["nll"], 6),
+            }
+        )
+    return grid
+
+
+def choose(col: Collected, keep: list[int] | None = None) -> tuple[Combination, list[dict]]:
+    """The combination with the best validation accuracy (then the lowest NLL, then the simplest:
+    fewer consulted specialists, weight nearest 1) over the grid; every scored point is returned."""
+    em_log = logging.getLogger("specialists.combiner")
+    level = em_log.level
+    em_log.setLevel(logging.ERROR)  # a few slow EM rows at extreme weights are not news here
+    try:
+        grid = _grid(col, keep)
+    finally:
+        em_log.setLevel(level)
+    best = min(
+        grid,
+        key=lambda g: (
+            -g["accuracy"],
+            round(g["nll"], 3),
+            g["top_n"],
+            abs(np.log(g["spec_weight"])),
+            CORRECTIONS.index(g["correction"]),
+        ),
+    )
+    comb = Combination(
+        top_n=best["top_n"],
+        spec_weight=best["spec_weight"],
+        correction=best["correction"],
+        keep=keep,
+    )
+    return comb, grid
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    device: str = "auto",
+    variant: str | None = None,
+    say=log.info,
+) -> Combination:
+    """Choose the run's combination on its validation split and write ``ensemble.json``."""
+    from train.data import DataSpec, load_data
+
+    from .ensemble import Ensemble
+
+    run = RunDir.of(run_dir)
+    ens = Ensemble.load(run.root, device, variant=variant, combination=Combination())
+    bundle = load_data(DataSpec.from_dict(ens.record.data))
+    val = bundle.split("val")
+    if len(val) == 0:
+        raise SpecialistsError(f"{run.root}: no validation examples to calibrate on")
+    col = collect(ens, val.images, val.labels)
+    keep = kept_specialists(col.records)
+    comb, grid = choose(col, keep)
+    generalist_acc = float((col.p_g.argmax(1).numpy() == col.labels).mean())
+    plain = score(col, Combination(correction=None))
+    comb.chosen_on = {
+        "split": "val",
+        "n_examples": int(len(val)),
+        "generalist_accuracy": round(generalist_acc, 6),
+        "default_accuracy": round(plain["accuracy"], 6),  # top-1, weight 1, all specialists
+        "accuracy": next(
+            g["accuracy"]
+            for g in grid
+            if (g["top_n"], g["spec_weight"], g["correction"])
+            == (comb.top_n, comb.spec_weight, comb.correction)
+        ),
+        "dropped": [r.id for r in col.records if r.id not in keep],
+        "grid": grid,
+    }
+    base = run.root / variant if variant else run.root
+    path = base / COMBINATION_FILE
+    save_json(path, comb.to_dict())
+    manifest.register(run.root, path)
+    say(
+        f"combination chosen on {len(val)} validation images: {comb.describe()} "
+        f"(validation accuracy {100 * comb.chosen_on['accuracy']:.2f}%, generalist "
+        f"{100 * generalist_acc:.2f}%, top-1 unweighted {100 * plain['accuracy']:.2f}%)"
+    )
+    return comb
