@@ -66,13 +66,24 @@ COMBINATION = {
 
 
 def make_variant(run: RunDir, root: Path, name: str) -> RunDir:
-    """A run directory holding a copy of ``run``'s generalist (and its data cache)."""
+    """A run directory holding a copy of ``run``'s generalist (and its data cache); the
+    ``defaults`` variant also takes the run's own clusters and specialists when they are there
+    (training then skips them)."""
     dst = root / name
+    items = ["generalist", "cache", "config.yaml", "manifest.json"]
+    if name == "defaults":
+        items += [
+            "clusters.json",
+            "clusters.png",
+            "specialists",
+            "specialists.yaml",
+            "ensemble.json",
+        ]
     if not (dst / "generalist" / "record.json").is_file():
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for item in ("generalist", "cache", "config.yaml", "manifest.json"):
+        for item in items:
             src = run.root / item
             if src.is_dir():
                 shutil.copytree(src, tmp / item, ignore=shutil.ignore_patterns("resume"))

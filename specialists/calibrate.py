@@ -8,8 +8,9 @@ right for every dataset:
   strong specialist can dominate inside its group (the weighted form of eq. 5);
 - ``correction``: the dustbin prior each specialist is moved to (``gated``: the share of its group
   among the inputs that activate it; ``natural``: the share in the data; ``none``);
-- ``keep``: the specialists kept; one that is no more accurate inside its group than the
-  generalist on validation is dropped.
+- ``keep``: the specialists kept: a specialist clearly less accurate inside its group than the
+  generalist on validation (beyond the noise of the measurement) is dropped; one within noise is
+  kept, since a second opinion helps even when it is not better alone.
 
 ``calibrate_run`` runs the generalist and every specialist once over the validation split (each
 specialist only on the inputs that the widest gate would send it), scores the whole grid offline
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -202,13 +204,20 @@ def score(col: Collected, comb: Combination) -> dict:
     }
 
 
-def kept_specialists(records: list[SpecialistRecord]) -> list[int]:
-    """Ids of the specialists at least as accurate inside their group as the generalist, on the
-    validation examples of the group (records without the measurement are kept)."""
+def kept_specialists(records: list[SpecialistRecord], z: float = 2.0) -> list[int]:
+    """Ids of the specialists kept: all but those clearly less accurate inside their group than
+    the generalist on the group's validation examples, i.e. by more than ``z`` binomial standard
+    errors (a specialist within noise of the generalist still helps as a second opinion).
+    Records without the measurement are kept."""
     keep = []
     for r in records:
         mine, theirs = r.metrics.get("in_group_acc"), r.metrics.get("generalist_in_group_acc")
-        if mine is None or theirs is None or mine >= theirs:
+        n = r.metrics.get("n_group_val") or 0
+        if mine is None or theirs is None or n == 0:
+            keep.append(r.id)
+            continue
+        se = math.sqrt(max(theirs * (1 - theirs), 1.0 / n) / n)
+        if mine >= theirs - z * se:
             keep.append(r.id)
     return keep
 
@@ -224,6 +233,7 @@ def _grid(col: Collected, keep: list[int] | None) -> list[dict]:
                 "top_n": top_n,
                 "spec_weight": w,
                 "correction": corr,
+                "keep": keep,
                 "accuracy": round(s["accuracy"], 6),
                 "nll": round(s["nll"], 6),
             }
@@ -233,7 +243,8 @@ def _grid(col: Collected, keep: list[int] | None) -> list[dict]:
 
 def choose(col: Collected, keep: list[int] | None = None) -> tuple[Combination, list[dict]]:
     """The combination with the best validation accuracy (then the lowest NLL, then the simplest:
-    fewer consulted specialists, weight nearest 1) over the grid; every scored point is returned."""
+    fewer consulted specialists, weight nearest 1) over the grid of gating widths, weights and
+    corrections, with the specialists ``keep`` (None: all); every scored point is returned."""
     em_log = logging.getLogger("specialists.combiner")
     level = em_log.level
     em_log.setLevel(logging.ERROR)  # a few slow EM rows at extreme weights are not news here
@@ -255,7 +266,7 @@ def choose(col: Collected, keep: list[int] | None = None) -> tuple[Combination, 
         top_n=best["top_n"],
         spec_weight=best["spec_weight"],
         correction=best["correction"],
-        keep=keep,
+        keep=best["keep"],
     )
     return comb, grid
 
@@ -279,7 +290,7 @@ def calibrate_run(
         raise SpecialistsError(f"{run.root}: no validation examples to calibrate on")
     col = collect(ens, val.images, val.labels)
     keep = kept_specialists(col.records)
-    comb, grid = choose(col, keep)
+    comb, grid = choose(col, None if len(keep) == len(col.records) else keep)
     generalist_acc = float((col.p_g.argmax(1).numpy() == col.labels).mean())
     plain = score(col, Combination(correction=None))
     comb.chosen_on = {
@@ -290,10 +301,10 @@ def calibrate_run(
         "accuracy": next(
             g["accuracy"]
             for g in grid
-            if (g["top_n"], g["spec_weight"], g["correction"])
-            == (comb.top_n, comb.spec_weight, comb.correction)
+            if (g["top_n"], g["spec_weight"], g["correction"], g["keep"])
+            == (comb.top_n, comb.spec_weight, comb.correction, comb.keep)
         ),
-        "dropped": [r.id for r in col.records if r.id not in keep],
+        "dropped": [r.id for r in col.records if comb.keep is not None and r.id not in comb.keep],
         "grid": grid,
     }
     base = run.root / variant if variant else run.root

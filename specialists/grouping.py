@@ -41,7 +41,9 @@ class ClusterConfig:
     n_groups: int | None = None
     group_size: int | None = None  # overlapping mode: classes per group
     min_size: int | None = None  # default: enough classes for min_group_images
-    min_group_images: int = 1000  # training images a specialist needs (DESIGN §1b: tiny groups overfit)
+    min_group_images: int = (
+        1000  # training images a specialist needs (DESIGN §1b: tiny groups overfit)
+    )
     max_size: int | None = None
     top_m: int | None = None  # keep the M groups holding the most confusion
     n_init: int = 5
@@ -123,9 +125,7 @@ def cluster_run(
                 for k_, v in (("max_size", cfg.max_size), ("top_m", cfg.top_m))
                 if v is not None
             }
-            choice = choose_grouping(
-                matrix, k, mode=cfg.mode, min_size=min_size, **params, **extra
-            )
+            choice = choose_grouping(matrix, k, mode=cfg.mode, min_size=min_size, **params, **extra)
             model = choice.model
             if cfg.mode == "overlapping" and cfg.group_size is not None:
                 model = ConfusionClustering(

@@ -26,9 +26,15 @@ def test_cluster_writes_report_and_picture(run_dir, tmp_path, capsys):  # noqa: 
     assert sorted(c for g in groups for c in g) == list(range(12))  # disjoint cover of all classes
     assert {"confusion_captured", "random_baseline", "ari", "nmi"} <= set(report["quality"])
     assert RunDir.of(out).clusters_png.stat().st_size > 1000
-    # the default chooses the number of groups and says why
+    # the default chooses the number of groups and says why; every group holds enough training
+    # images for its specialist (40 per class here, so 1000 would need 25 classes: capped at K/2)
     assert main(["cluster", str(out), "--quiet"]) == 0
     assert "chosen from the data" in capsys.readouterr().out
+    report = json.loads(RunDir.of(out).clusters.read_text())
+    assert min(len(g["classes"]) for g in report["groups"]) >= 6
+    assert main(["cluster", str(out), "--min-group-images", "120", "--quiet"]) == 0
+    report = json.loads(RunDir.of(out).clusters.read_text())
+    assert min(len(g["classes"]) for g in report["groups"]) >= 3
     # overlapping fixed-size groups
     assert (
         main(
@@ -100,6 +106,8 @@ def test_end_to_end_recovers_the_planted_groups(tmp_path, capsys):
     train_generalist(
         GeneralistConfig(data=data, epochs=6, threads=2), tmp_path / "run", progress=False
     )
-    assert main(["cluster", str(tmp_path / "run"), "--quiet"]) == 0
+    # 100 training images per class: groups of 5 give each specialist 500 images
+    args = ["cluster", str(tmp_path / "run"), "--min-group-images", "500", "--quiet"]
+    assert main(args) == 0
     report = json.loads(RunDir.of(tmp_path / "run").clusters.read_text())
     assert report["quality"]["ari"] >= 0.9, capsys.readouterr().out

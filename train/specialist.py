@@ -317,6 +317,7 @@ def train_specialist(
         "examples_seen": seen,
         "seconds": round(time.perf_counter() - t0, 2),
         "n_group_train": int(len(sampler.inside)),
+        "n_group_val": int(len(val_in)),
     }
 
     spec_dir = Path(out_dir) if out_dir is not None else run.specialists_dir
