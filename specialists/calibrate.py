@@ -54,6 +54,7 @@ CORRECTIONS = ("gated", "natural", "none")
 GRID_TOP_N = (1, 2, 3)
 GRID_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 COMBINATION_FILE = "ensemble.json"
+SCORE_TOL = 1e-7  # EM tolerance when scoring (argmax and NLL are settled long before 1e-9)
 
 
 @dataclass
@@ -187,7 +188,15 @@ def score(col: Collected, comb: Combination) -> dict:
             off = torch.from_numpy(specialist_offsets(col.records[m], comb.correction))
             blocks.append(torch.softmax(col.logits[m][pos] + off, 1))
         q = (
-            combine(col.p_g, blocks, pairs, groups, spec_weights=[comb.spec_weight] * len(keep))
+            combine(
+                col.p_g,
+                blocks,
+                pairs,
+                groups,
+                spec_weights=[comb.spec_weight] * len(keep),
+                tol=SCORE_TOL,
+                max_iter=200,
+            )
             if blocks
             else col.p_g
         )

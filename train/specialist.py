@@ -46,7 +46,9 @@ class SpecialistConfig:
     """How every specialist of a run is trained (written into each specialist's record)."""
 
     enrich_fraction: float = 0.5  # share of every batch drawn from the group
-    epochs: int = 8  # maximum; an epoch is `examples_per_epoch` examples, not a pass over the data
+    # At most `epochs` epochs; early stopping on the group's validation examples (`patience`)
+    # decides the length. An epoch is `examples_per_epoch` examples, not a pass over the data.
+    epochs: int = 16
     # Default epoch: the group's training examples / enrich_fraction (one pass over the group),
     # but at least `min_steps_per_epoch` batches, so a small group still gets enough updates
     # between validations for early stopping to choose from.
