@@ -17,7 +17,7 @@ class RunDir:
 
     RUN/
       config.yaml                 resolved generalist configuration
-      generalist/model.safetensors, record.json, history.csv
+      generalist/model.safetensors, record.json, history.csv, curve.png
       generalist/val_probs.npy, val_labels.npy   softmax predictions on the validation split
       generalist/resume/          last-epoch state while training (removed when done)
       clusters.json, clusters.png
@@ -50,6 +50,10 @@ class RunDir:
     @property
     def history(self) -> Path:
         return self.generalist_dir / "history.csv"
+
+    @property
+    def curve(self) -> Path:
+        return self.generalist_dir / "curve.png"
 
     @property
     def val_probs(self) -> Path:

@@ -41,6 +41,7 @@ def test_one_epoch_writes_a_complete_run(trained):
         run.config,
     ):
         assert path.is_file(), path
+    assert run.curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the training curve, a figure
     assert not run.resume_dir.exists()  # the resume state is removed once training is complete
     probs = np.load(run.val_probs)
     assert probs.shape == (120, 12) and np.allclose(probs.sum(1), 1, atol=1e-5)

@@ -112,6 +112,34 @@ def _history_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
+    """The training curve: train and validation accuracy and loss by epoch, best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from specialists.io import atomic_path
+
+    ep = [r["epoch"] for r in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [100 * r["train_acc"] for r in history], label="train (augmented)")
+    a1.plot(ep, [100 * r["val_acc"] for r in history], label="validation")
+    a1.set_ylabel("accuracy (%)")
+    a2.plot(ep, [r["train_loss"] for r in history], label="train (augmented)")
+    a2.plot(ep, [r["val_loss"] for r in history], label="validation")
+    a2.set_ylabel("cross-entropy")
+    for ax in (a1, a2):
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def _versions() -> dict:
     import specialists
 
@@ -286,6 +314,7 @@ def train_generalist(
         model, bundle.test.images, eval_tf, device, cfg.eval_batch_size, cfg.amp
     )
     save_tensors(run.generalist_weights, model.state_dict(), {"architecture": cfg.model})
+    plot_history(history, best["epoch"], run.curve)
     save_npy(run.val_probs, val_probs.astype(np.float32))
     save_npy(run.val_labels, bundle.val.labels)
     metrics = {
@@ -323,6 +352,7 @@ def train_generalist(
         run.root,
         run.config,
         run.history,
+        run.curve,
         run.generalist_weights,
         run.val_probs,
         run.val_labels,
