@@ -89,6 +89,12 @@ def format_metrics(m: dict) -> str:
     lines.append(
         f"relative error reduction: {pct(rer)}  ({m['n_test']} test examples, {m['n_specialists']} specialists, top-{m.get('top_n', 1)} gating)"
     )
+    c = m.get("combination")
+    if c:
+        lines.append(
+            f"combination (chosen on validation): specialist weight {c['spec_weight']:g}, "
+            f"dustbin correction {c['correction'] or 'as trained'}"
+        )
     if m.get("controls"):
         lines.append("")
         lines.append(
