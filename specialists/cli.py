@@ -450,6 +450,23 @@ def _data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
+    p.add_argument("--device", default="auto")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from specialists.calibrate import calibrate_run
+
+    comb = calibrate_run(args.run, args.device, say=print)
+    print(f"written to {args.run}/ensemble.json ({len(comb.chosen_on['grid'])} settings scored)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 COMMANDS: dict[
@@ -462,6 +479,11 @@ COMMANDS: dict[
         "evaluate the ensemble against its generalist (the paper's metrics)",
         _evaluate_args,
         _evaluate,
+    ),
+    "calibrate": (
+        "choose how the ensemble combines, on validation (train does this at its end)",
+        _calibrate_args,
+        _calibrate,
     ),
     "predict": ("classify image files with the ensemble", _predict_args, _predict),
     "controls": (

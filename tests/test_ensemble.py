@@ -125,6 +125,16 @@ def test_training_calibrates_the_combination_on_validation(trained_run):
     assert Ensemble.load(run.root, top_n=3).top_n == 3
 
 
+def test_calibrate_command(trained_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    (out / "ensemble.json").unlink()
+    assert main(["calibrate", str(out), "--quiet"]) == 0
+    assert "combination chosen on 120 validation images" in capsys.readouterr().out
+    assert json.loads((out / "ensemble.json").read_text())["chosen_on"]["split"] == "val"
+    assert main(["calibrate", str(tmp_path / "nowhere"), "--quiet"]) == 2
+
+
 def test_kept_specialists_rule():
     from types import SimpleNamespace as R
 
