@@ -54,6 +54,7 @@ TRAINING = {
     "groups-half": ({"n_groups": "G/2"}, {}),
     "groups-double": ({"n_groups": "2G"}, {}),
     "overlapping": ({"mode": "overlapping"}, {}),
+    "overlapping-epochs-8": ({"mode": "overlapping"}, {"epochs": 8}),
     "confusion-matrix": ({"matrix": "confusion"}, {}),
 }
 # name -> combination of the default variant's specialists (scored without calibration)
