@@ -182,16 +182,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", help="YAML file with any of the options below (command-line flags win)"
     )
-    p.add_argument("--epochs", type=int, help="maximum epochs per specialist (default 8)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per specialist: one cosine schedule, the best validation epoch kept (default 12)",
+    )
     p.add_argument(
         "--examples-per-epoch",
         type=int,
-        help="default: the group's training examples / enrich fraction",
+        help="default: the group's training examples / enrich fraction, at least 25 batches",
     )
     p.add_argument(
         "--patience",
         type=int,
-        help="early stopping on the specialist's validation accuracy (default 3)",
+        help="stop after N epochs without a better validation score (default: off)",
     )
     p.add_argument(
         "--enrich-fraction",
