@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,61 @@ def test_a_class_missing_from_test_is_a_warning(tmp_path, caplog):
     b = load_data(f"folder:{tmp_path}")
     assert b.n_classes == 3 and len(b.test) == 6
     assert "have no folder here" in caplog.text
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = Path(f"/proc/{stat}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{stat}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and b"multiprocessing.spawn" in cmd:
+                out.append(int(stat))
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text() + Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return "gone"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_stop_when_the_launcher_is_killed(small_run, tmp_path):
+    import shutil
+    import time
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    assert main(["cluster", str(out), "--n-groups", "3", "--quiet"]) == 0
+    cmd = [sys.executable, "-m", "specialists.cli", "train", str(out), "--workers", "1"]
+    cmd += ["--epochs", "200", "--examples-per-epoch", "4096", "--quiet"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    deadline = time.monotonic() + 60
+    while not workers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        workers = _children(launcher.pid)
+    assert workers, "the launcher started no worker"
+    time.sleep(5)  # the worker is importing or training
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30  # a worker still importing torch watches once it is up
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    states = {w: _state(w) for w in workers}
+    assert not any(_alive(w) for w in workers), f"workers outlived their launcher: {states}"
+    assert not list(RunDir.of(out).specialists_dir.glob("*.json"))  # nothing half-finished

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -142,11 +144,29 @@ def _run_job(run_root: str, job: Job, cfg: dict, device: str, threads: int | Non
     )
 
 
-def _worker_main(conn, run_root: str, cfg: dict, device: str, threads: int | None) -> None:
+def _exit_with(parent_pid: int, every: float = 1.0) -> None:
+    """End this process soon after ``parent_pid`` is gone (killed launchers leave no orphans
+    training on; what a worker writes is atomic, so stopping it anywhere is safe)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(
+    conn, run_root: str, cfg: dict, device: str, threads: int | None, parent_pid: int | None = None
+) -> None:
     """A long-lived local worker: trains the jobs it is sent, one at a time, until sent None.
     Reusing the process saves the interpreter start and imports for every job; a worker that
-    dies takes only its current job with it (the launcher starts a fresh one)."""
+    dies takes only its current job with it (the launcher starts a fresh one), and a worker
+    whose launcher dies stops within a second."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops its workers
+    if parent_pid is not None:
+        _exit_with(parent_pid)
     while True:
         job = conn.recv()
         if job is None:
@@ -192,7 +212,9 @@ class _Slot:
     def start_job(self, job: Job) -> None:
         if self.proc is None or not self.proc.is_alive():
             self.conn, child = self.ctx.Pipe()
-            self.proc = self.ctx.Process(target=_worker_main, args=(child, *self.args), daemon=True)
+            self.proc = self.ctx.Process(
+                target=_worker_main, args=(child, *self.args, os.getpid()), daemon=True
+            )
             self.proc.start()
             child.close()
         self.job = job
