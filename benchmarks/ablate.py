@@ -49,12 +49,12 @@ TRAINING = {
     "last-stage": ({}, {"trainable": "last"}),
     "copied-head": ({}, {"head_init": "copy"}),
     "epochs-4": ({}, {"epochs": 4}),
-    "epochs-8": ({}, {"epochs": 8}),
+    "epochs-8-early-stop": ({}, {"epochs": 8, "patience": 3}),
     "epochs-16-no-early-stop": ({}, {"epochs": 16, "patience": 16}),
     "groups-half": ({"n_groups": "G/2"}, {}),
     "groups-double": ({"n_groups": "2G"}, {}),
     "overlapping": ({"mode": "overlapping"}, {}),
-    "overlapping-epochs-8": ({"mode": "overlapping"}, {"epochs": 8}),
+    "overlapping-epochs-8-early-stop": ({"mode": "overlapping"}, {"epochs": 8, "patience": 3}),
     "confusion-matrix": ({"matrix": "confusion"}, {}),
 }
 # name -> combination of the default variant's specialists (scored without calibration)
