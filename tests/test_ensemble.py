@@ -80,7 +80,8 @@ def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
     out = ens.run_batch(images)
     assert out.q.shape == (20, 12) and np.allclose(out.q.sum(1), 1, atol=1e-5)
     one_by_one = np.concatenate([ens.predict_proba(images[i : i + 1]) for i in range(20)])
-    assert np.allclose(one_by_one, out.q, atol=1e-5)
+    # on CUDA, TF32 convolutions round differently with the batch size
+    assert np.allclose(one_by_one, out.q, atol=1e-5 if ens.device.type == "cpu" else 1e-3)
     # every example consults exactly the specialist of its generalist's top class (top-1 gating)
     top = out.p_g.argmax(1)
     assert out.consulted == [[int(t) // 4] for t in top]

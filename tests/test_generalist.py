@@ -25,7 +25,8 @@ def tiny_cfg(**kw) -> GeneralistConfig:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    record = train_generalist(tiny_cfg(epochs=2), out, progress=False)
+    # on the CPU: the exact-reload test below compares against CPU inference
+    record = train_generalist(tiny_cfg(epochs=2, device="cpu"), out, progress=False)
     return out, record
 
 
