@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         print(fmt(rows), flush=True)
-    (root / "ablation.json").write_text(json.dumps(rows, indent=1))
+        (root / "ablation.json").write_text(json.dumps(rows, indent=1))  # after every variant
     print(f"\n{run.root}: {grec.data.get('kind')} ablations (test split)\n")
     print(fmt(rows))
     return 0
