@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CORRECTIONS = ("gated", "natural", "none")
 GRID_TOP_N = (1, 2, 3)
-GRID_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+GRID_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 COMBINATION_FILE = "ensemble.json"
 SCORE_TOL = 1e-7  # EM tolerance when scoring (argmax and NLL are settled long before 1e-9)
 

@@ -113,7 +113,7 @@ def test_training_calibrates_the_combination_on_validation(trained_run):
     recs = Ensemble.load(run.root, combination=Combination()).all_specialists
     rule = kept_specialists(recs)
     assert comb.keep == (None if len(rule) == len(recs) else rule)
-    assert len(grid) == 3 * 6 * 3  # top-n x weights x corrections
+    assert len(grid) == 3 * 5 * 3  # top-n x weights x corrections
     assert comb.chosen_on["accuracy"] == max(g["accuracy"] for g in grid)
     # the stored score is reproduced from scratch on the validation split
     val = load_data(TINY_DATA).val
