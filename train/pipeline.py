@@ -60,7 +60,8 @@ def train_specialists(
 ) -> list[JobResult]:
     """Train one specialist per group of ``RUN/clusters.json`` (only the missing or changed ones),
     then, once every group has its specialist, choose the combination on validation
-    (``RUN/ensemble.json``, see :mod:`specialists.calibrate`)."""
+    (``RUN/ensemble.json``, see :mod:`specialists.calibrate`) unless nothing was trained and it
+    is already there (``specialists calibrate RUN`` redoes it)."""
     cfg = cfg or SpecialistConfig()
     run = RunDir.of(run_dir)
     run.require_generalist()
@@ -82,7 +83,9 @@ def train_specialists(
         run, jobs, cfg, grec.weights_sha256, backend, workers, device, ray_address, progress
     )
     complete = all((run.specialists_dir / f"{i:03d}.json").is_file() for i in range(len(groups)))
-    if calibrate and complete and all(r.ok for r in results):
+    trained = any(not r.skipped for r in results)
+    stale = trained or not (run.root / "ensemble.json").is_file()
+    if calibrate and complete and stale and all(r.ok for r in results):
         from specialists.calibrate import calibrate_run
 
         calibrate_run(run.root, device)
