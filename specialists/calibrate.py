@@ -276,6 +276,7 @@ def choose(col: Collected, keep: list[int] | None = None) -> tuple[Combination, 
         spec_weight=best["spec_weight"],
         correction=best["correction"],
         keep=best["keep"],
+        chosen_on={"accuracy": best["accuracy"], "grid": grid},
     )
     return comb, grid
 
@@ -307,14 +308,8 @@ def calibrate_run(
         "n_examples": int(len(val)),
         "generalist_accuracy": round(generalist_acc, 6),
         "default_accuracy": round(plain["accuracy"], 6),  # top-1, weight 1, all specialists
-        "accuracy": next(
-            g["accuracy"]
-            for g in grid
-            if (g["top_n"], g["spec_weight"], g["correction"], g["keep"])
-            == (comb.top_n, comb.spec_weight, comb.correction, comb.keep)
-        ),
         "dropped": [r.id for r in col.records if comb.keep is not None and r.id not in comb.keep],
-        "grid": grid,
+        **comb.chosen_on,  # the chosen point's accuracy and the whole grid
     }
     base = run.root / variant if variant else run.root
     path = base / COMBINATION_FILE

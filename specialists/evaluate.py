@@ -92,7 +92,8 @@ def format_metrics(m: dict) -> str:
     c = m.get("combination")
     if c:
         lines.append(
-            f"combination (chosen on validation): specialist weight {c['spec_weight']:g}, "
+            f"combination ({'chosen on validation' if c.get('calibrated') else 'fixed'}): "
+            f"specialist weight {c['spec_weight']:g}, "
             f"dustbin correction {c['correction'] or 'as trained'}"
         )
     if m.get("controls"):
@@ -200,7 +201,10 @@ def evaluate_run(
             "split": split,
             "data": spec.describe(),
             "top_n": ens.top_n,
-            "combination": {k: v for k, v in ens.combination.to_dict().items() if k != "chosen_on"},
+            "combination": {
+                **{k: v for k, v in ens.combination.to_dict().items() if k != "chosen_on"},
+                "calibrated": bool(ens.combination.chosen_on),
+            },
             "generalist_images_per_second": round(g_ips, 1),
             "ensemble_images_per_second": round(e_ips, 1),
             "mean_specialists_consulted": round(float(np.mean([len(c) for c in out.consulted])), 3),

@@ -161,6 +161,7 @@ def test_evaluate_writes_the_metrics(trained_run, capsys):
     assert "conditional accuracy" in printed and "covered by" in printed
     m = json.loads(RunDir.of(trained_run).metrics.read_text())
     assert set(m) >= REQUIRED_KEYS
+    assert m["combination"]["calibrated"] and "chosen on validation" in printed
     assert m["n_test"] == 120 and sum(r["n_examples"] for r in m["coverage_breakdown"]) == 120
     assert (RunDir.of(trained_run).root / "coverage.png").stat().st_size > 1000
     assert main(["evaluate", str(trained_run), "--top-n", "2", "--quiet"]) == 0

@@ -84,10 +84,10 @@ def train_specialists(
     )
     complete = all((run.specialists_dir / f"{i:03d}.json").is_file() for i in range(len(groups)))
     trained = any(not r.skipped for r in results)
-    stale = trained or not (run.root / "ensemble.json").is_file()
-    if calibrate and complete and stale and all(r.ok for r in results):
-        from specialists.calibrate import calibrate_run
+    from specialists.calibrate import COMBINATION_FILE, calibrate_run
 
+    stale = trained or not (run.root / COMBINATION_FILE).is_file()
+    if calibrate and complete and stale and all(r.ok for r in results):
         calibrate_run(run.root, device)
     return results
 
