@@ -44,8 +44,8 @@ def sized_groups(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint labels (K,) and centroids (G', d) with min_size <= |group| <= max_size.
 
-    Undersized groups are dissolved one at a time (smallest first) and their classes go to the
-    nearest centroid with room; then a few capacity-constrained Lloyd steps re-centre the
+    Undersized groups are dissolved one at a time (smallest first, never below two groups when
+    two fit) and their classes go to the nearest centroid with room; then a few capacity-constrained Lloyd steps re-centre the
     survivors. If the limits still cannot all hold, the nearest classes are pulled from groups
     that can spare them.
     """
@@ -53,10 +53,13 @@ def sized_groups(
     cap = k if max_size is None else max_size
     d2 = sq_distances(points, centroids)
     active = list(range(len(centroids)))
+    # Never dissolve down to one group of everything (no specialist at all) while two groups of
+    # min_size fit: the last undersized group is filled with its nearest classes instead.
+    floor = 2 if len(centroids) >= 2 and k >= 2 * min_size else 1
     while True:
         labels = capacity_assign(d2[:, active], max_size)
         sizes = np.bincount(labels, minlength=len(active))
-        if sizes.min() >= min_size or len(active) == 1 or (len(active) - 1) * cap < k:
+        if sizes.min() >= min_size or len(active) == floor or (len(active) - 1) * cap < k:
             break
         active.pop(int(sizes.argmin()))
     cents = centroids[active]

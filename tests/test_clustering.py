@@ -198,6 +198,28 @@ def test_chooser_respects_max_size_and_top_m(planted, cov):
     assert "top_m" in choice.reason and "[25, 33]" in choice.reason  # at least ceil(100 / 4)
 
 
+def _sparse_confusion(k: int = 40) -> np.ndarray:
+    """Confusion among classes 0-3 and 5-6 only; the other 34 classes are never confused."""
+    m = np.zeros((k, k))
+    for a, b in [(0, 1), (1, 2), (2, 3), (5, 6)]:
+        m[a, b] = m[b, a] = 1.0
+    np.fill_diagonal(m, 5.0)
+    return m
+
+
+def test_chooser_never_returns_one_group_of_everything():
+    """Dissolving undersized groups used to collapse k-means into one group of all classes on a
+    sparse matrix: a retrained copy of the generalist, not a specialist. Two groups of min_size
+    fit, so two groups it is, the confused classes together."""
+    m = _sparse_confusion()
+    for min_size in (3, 10, 20):
+        groups = cl.choose_grouping(m, min_size=min_size).model.groups_
+        assert len(groups) >= 2 and min(len(g) for g in groups) >= min_size
+        assert any({0, 1, 2, 3} <= set(g) for g in groups)
+    groups = cl.ConfusionClustering(2, min_size=20, random_state=0).fit(m).groups_
+    assert sorted(len(g) for g in groups) == [20, 20]
+
+
 def test_top_m_keeps_highest_mass_groups():
     strength = {0: 1.0, 1: 3.0, 2: 2.0}  # block b covers classes 4b..4b+3
     m = np.zeros((12, 12))
