@@ -180,7 +180,9 @@ class Ensemble:
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _check_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def check_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``images`` as a uint8 (N, H, W, C) tensor of the generalist's input size, or a clear
+        error."""
         r = self.record
         expected = (r.input_size, r.input_size, r.in_chans)
         x = torch.as_tensor(images)
@@ -192,7 +194,7 @@ class Ensemble:
 
     @torch.no_grad()
     def generalist_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = self._check_images(images)
+        x = self.check_images(images)
         out = [
             torch.softmax(
                 self.generalist(self.transform(x[i : i + self.batch_size].to(self.device))).float(),
@@ -205,7 +207,7 @@ class Ensemble:
     @torch.no_grad()
     def run_batch(self, images: np.ndarray | torch.Tensor) -> EnsembleOutput:
         """Generalist once, each active specialist only on the inputs that activate it, combiner."""
-        x_all = self._check_images(images)
+        x_all = self.check_images(images)
         qs, pgs, consulted = [], [], []
         for start in range(0, len(x_all), self.batch_size):
             x = self.transform(x_all[start : start + self.batch_size].to(self.device))
