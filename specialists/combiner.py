@@ -63,6 +63,13 @@ __all__ = [
 # the outside mass by up to 1e6 per step to escape, and the float64 cancellation in
 # "row's ratios - ratios of the groups holding c" stays ~1e-10, below any tolerance used.
 _RATIO_CAP = 1e6
+_warned_max_iter = False
+
+
+def _set_warned() -> None:
+    global _warned_max_iter
+    _warned_max_iter = True
+
 
 SpecProbs = Tensor | Sequence[Tensor]
 
@@ -451,12 +458,20 @@ def _em(packed: _Packed, tol: float, max_iter: int) -> CombineResult:
             break
     converged = bool(done.all())
     if not converged:
-        logger.warning(
-            "EM combiner stopped at max_iter=%d with %d of %d examples above tol=%g",
+        # Said once per process at warning level (a slow tail at high specialist weights
+        # recurs in every batch of an evaluation); later ones at debug level.
+        left = float(change[~done].max())
+        level = logging.DEBUG if _warned_max_iter else logging.WARNING
+        _set_warned()
+        logger.log(
+            level,
+            "EM combiner stopped at max_iter=%d with %d of %d examples above tol=%g "
+            "(largest remaining change %.1e)",
             max_iter,
             int((~done).sum()),
             n_rows,
             tol,
+            left,
         )
     q_rows = free.mul_(alpha.to(p_g.dtype)[:, None])  # (R, K) free classes: alpha_b p_g(c)
     q_rows.view(-1)[packed.u_flat] = q_u.to(p_g.dtype)

@@ -3,6 +3,7 @@ against closed forms, and the input contract."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -381,11 +382,21 @@ def test_bad_input_is_rejected():
         combine(p_g[:2], spec, pairs, groups)
 
 
-def test_iteration_cap_is_reported():
+def test_iteration_cap_is_reported(monkeypatch, caplog):
+    """Reported in the result every time; said as a warning once per process (an evaluation
+    meets the same slow tail in every batch), with the change still left."""
+    import specialists.combiner as combiner_module
+
+    monkeypatch.setattr(combiner_module, "_warned_max_iter", False)
     p_g, spec, pairs, groups = random_instance(0)
-    res = solve_em(p_g, spec, pairs, groups, tol=0.0, max_iter=3)
-    assert res.n_iter == 3 and not res.converged
-    assert torch.allclose(res.q.sum(1), torch.ones(len(p_g), dtype=F64))
+    with caplog.at_level(logging.DEBUG, logger="specialists.combiner"):
+        for _ in range(2):
+            res = solve_em(p_g, spec, pairs, groups, tol=0.0, max_iter=3)
+            assert res.n_iter == 3 and not res.converged
+            assert torch.allclose(res.q.sum(1), torch.ones(len(p_g), dtype=F64))
+    said = [r for r in caplog.records if "max_iter=3" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG]
+    assert "largest remaining change" in said[0].getMessage()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
