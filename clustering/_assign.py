@@ -45,8 +45,8 @@ def sized_groups(
     """Disjoint labels (K,) and centroids (G', d) with min_size <= |group| <= max_size.
 
     Undersized groups are dissolved one at a time (smallest first, never below two groups when
-    two fit) and their classes go to the nearest centroid with room; then a few capacity-constrained Lloyd steps re-centre the
-    survivors. If the limits still cannot all hold, the nearest classes are pulled from groups
+    two fit) and their classes go to the nearest centroid with room; then a few
+    capacity-constrained Lloyd steps re-centre the survivors. If the limits still cannot all hold, the nearest classes are pulled from groups
     that can spare them.
     """
     k = len(points)

@@ -63,13 +63,7 @@ __all__ = [
 # the outside mass by up to 1e6 per step to escape, and the float64 cancellation in
 # "row's ratios - ratios of the groups holding c" stays ~1e-10, below any tolerance used.
 _RATIO_CAP = 1e6
-_warned_max_iter = False
-
-
-def _set_warned() -> None:
-    global _warned_max_iter
-    _warned_max_iter = True
-
+_warned_max_iter = False  # the iteration cap is a warning once per process, then debug
 
 SpecProbs = Tensor | Sequence[Tensor]
 
@@ -460,9 +454,10 @@ def _em(packed: _Packed, tol: float, max_iter: int) -> CombineResult:
     if not converged:
         # Said once per process at warning level (a slow tail at high specialist weights
         # recurs in every batch of an evaluation); later ones at debug level.
+        global _warned_max_iter
         left = float(change[~done].max())
         level = logging.DEBUG if _warned_max_iter else logging.WARNING
-        _set_warned()
+        _warned_max_iter = True
         logger.log(
             level,
             "EM combiner stopped at max_iter=%d with %d of %d examples above tol=%g "
