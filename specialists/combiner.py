@@ -456,8 +456,10 @@ def _em(packed: _Packed, tol: float, max_iter: int) -> CombineResult:
         # recurs in every batch of an evaluation); later ones at debug level.
         global _warned_max_iter
         left = float(change[~done].max())
-        level = logging.DEBUG if _warned_max_iter else logging.WARNING
-        _warned_max_iter = True
+        # Spent only when the warning is shown (calibration silences this logger for its grid).
+        loud = not _warned_max_iter and logger.isEnabledFor(logging.WARNING)
+        _warned_max_iter = _warned_max_iter or loud
+        level = logging.WARNING if loud else logging.DEBUG
         logger.log(
             level,
             "EM combiner stopped at max_iter=%d with %d of %d examples above tol=%g "
