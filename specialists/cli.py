@@ -464,10 +464,13 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from specialists.calibrate import calibrate_run
+    from pathlib import Path
+
+    from specialists.calibrate import COMBINATION_FILE, calibrate_run
 
     comb = calibrate_run(args.run, args.device, say=print)
-    print(f"written to {args.run}/ensemble.json ({len(comb.chosen_on['grid'])} settings scored)")
+    path = Path(args.run) / COMBINATION_FILE
+    print(f"written to {path} ({len(comb.chosen_on['grid'])} settings scored)")
     return 0
 
 

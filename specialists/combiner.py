@@ -452,11 +452,11 @@ def _em(packed: _Packed, tol: float, max_iter: int) -> CombineResult:
             break
     converged = bool(done.all())
     if not converged:
-        # Said once per process at warning level (a slow tail at high specialist weights
-        # recurs in every batch of an evaluation); later ones at debug level.
+        # A warning once per process (a slow tail at high specialist weights recurs in every
+        # batch of an evaluation), then debug; spent only when shown, since calibration
+        # silences this logger for its grid.
         global _warned_max_iter
         left = float(change[~done].max())
-        # Spent only when the warning is shown (calibration silences this logger for its grid).
         loud = not _warned_max_iter and logger.isEnabledFor(logging.WARNING)
         _warned_max_iter = _warned_max_iter or loud
         level = logging.WARNING if loud else logging.DEBUG

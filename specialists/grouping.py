@@ -41,9 +41,8 @@ class ClusterConfig:
     n_groups: int | None = None
     group_size: int | None = None  # overlapping mode: classes per group
     min_size: int | None = None  # default: enough classes for min_group_images
-    min_group_images: int = (
-        1000  # training images a specialist needs (DESIGN §1b: tiny groups overfit)
-    )
+    # training images a specialist needs (DESIGN §1b: tiny groups overfit)
+    min_group_images: int = 1000
     max_size: int | None = None
     top_m: int | None = None  # keep the M groups holding the most confusion
     n_init: int = 5

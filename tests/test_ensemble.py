@@ -131,7 +131,9 @@ def test_calibrate_command(trained_run, tmp_path, capsys):
     shutil.copytree(trained_run, out)
     (out / "ensemble.json").unlink()
     assert main(["calibrate", str(out), "--quiet"]) == 0
-    assert "combination chosen on 120 validation images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "combination chosen on 120 validation images" in printed
+    assert f"written to {out / 'ensemble.json'}" in printed
     assert json.loads((out / "ensemble.json").read_text())["chosen_on"]["split"] == "val"
     assert main(["calibrate", str(tmp_path / "nowhere"), "--quiet"]) == 2
 
