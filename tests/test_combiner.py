@@ -183,6 +183,28 @@ def test_weighted_em_matches_gradient_descent_reference(seed):
     assert not torch.allclose(unweighted, f_em)  # the weights do change the problem
 
 
+def test_accelerated_em_reaches_plain_em_fixed_point_in_fewer_steps():
+    """SQUAREM jumps (the default) and plain EM stop at the same q; on a slow instance (sharp,
+    disagreeing models under a heavy specialist weight) the jumps need far fewer EM steps."""
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(40, generator=gen)
+    groups = GroupIndex.from_lists([perm[10 * i : 10 * i + 15].tolist() for i in range(3)], 40)
+    p_g = torch.softmax(3.0 * torch.randn(64, 40, generator=gen, dtype=F64), 1)
+    pairs = gate(p_g, groups, top_n=3)
+    spec = torch.zeros(pairs.n_pairs, 16, dtype=F64)
+    spec[:, :15] = 0.9 * torch.softmax(3.0 * torch.randn(pairs.n_pairs, 15, generator=gen), 1)
+    spec[:, 15] = 0.1
+    kw = {"spec_weights": [8.0] * 3}
+    plain = solve_em(p_g, spec, pairs, groups, accelerate=False, max_iter=5000, **kw)
+    fast = solve_em(p_g, spec, pairs, groups, **kw)
+    assert plain.converged and fast.converged
+    assert fast.n_iter * 2 < plain.n_iter
+    assert torch.allclose(fast.q, plain.q, atol=1e-7)
+    f_fast = objective(fast.q, p_g, spec, pairs, groups, **kw)
+    f_plain = objective(plain.q, p_g, spec, pairs, groups, **kw)
+    assert bool((f_fast <= f_plain * (1 + 1e-12) + 1e-14).all())
+
+
 def test_active_groups_covering_every_class():
     """No free class left for the dustbins: their mass must go to classes of other groups."""
     gen = torch.Generator().manual_seed(3)
