@@ -231,11 +231,14 @@ def kept_specialists(records: list[SpecialistRecord], z: float = 2.0) -> list[in
     return keep
 
 
-def _grid(col: Collected, keep: list[int] | None) -> list[dict]:
+def _grid(col: Collected, keep: list[int] | None, progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    points = list(
+        itertools.product([n for n in GRID_TOP_N if n <= col.top_n_max], GRID_WEIGHTS, CORRECTIONS)
+    )
     grid = []
-    for top_n, w, corr in itertools.product(
-        [n for n in GRID_TOP_N if n <= col.top_n_max], GRID_WEIGHTS, CORRECTIONS
-    ):
+    for top_n, w, corr in tqdm(points, desc="calibrating", unit="setting", disable=not progress):
         s = score(col, Combination(top_n=top_n, spec_weight=w, correction=corr, keep=keep))
         grid.append(
             {
@@ -250,7 +253,9 @@ def _grid(col: Collected, keep: list[int] | None) -> list[dict]:
     return grid
 
 
-def choose(col: Collected, keep: list[int] | None = None) -> tuple[Combination, list[dict]]:
+def choose(
+    col: Collected, keep: list[int] | None = None, progress: bool = False
+) -> tuple[Combination, list[dict]]:
     """The combination with the best validation accuracy (then the lowest NLL, then the simplest:
     fewer consulted specialists, weight nearest 1) over the grid of gating widths, weights and
     corrections, with the specialists ``keep`` (None: all); every scored point is returned."""
@@ -258,7 +263,7 @@ def choose(col: Collected, keep: list[int] | None = None) -> tuple[Combination, 
     level = em_log.level
     em_log.setLevel(logging.ERROR)  # a few slow EM rows at extreme weights are not news here
     try:
-        grid = _grid(col, keep)
+        grid = _grid(col, keep, progress)
     finally:
         em_log.setLevel(level)
     best = min(
@@ -286,8 +291,10 @@ def calibrate_run(
     device: str = "auto",
     variant: str | None = None,
     say=log.info,
+    progress: bool = False,
 ) -> Combination:
-    """Choose the run's combination on its validation split and write ``ensemble.json``."""
+    """Choose the run's combination on its validation split and write ``ensemble.json``
+    (``progress``: a bar over the grid's settings)."""
     from train.data import DataSpec, load_data
 
     from .ensemble import Ensemble
@@ -300,7 +307,7 @@ def calibrate_run(
         raise SpecialistsError(f"{run.root}: no validation examples to calibrate on")
     col = collect(ens, val.images, val.labels)
     keep = kept_specialists(col.records)
-    comb, grid = choose(col, None if len(keep) == len(col.records) else keep)
+    comb, grid = choose(col, None if len(keep) == len(col.records) else keep, progress)
     generalist_acc = float((col.p_g.argmax(1).numpy() == col.labels).mean())
     plain = score(col, Combination(correction=None))
     comb.chosen_on = {

@@ -468,7 +468,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from specialists.calibrate import COMBINATION_FILE, calibrate_run
 
-    comb = calibrate_run(args.run, args.device, say=print)
+    comb = calibrate_run(args.run, args.device, say=print, progress=not args.quiet)
     path = Path(args.run) / COMBINATION_FILE
     print(f"written to {path} ({len(comb.chosen_on['grid'])} settings scored)")
     return 0

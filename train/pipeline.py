@@ -88,7 +88,7 @@ def train_specialists(
 
     stale = trained or not (run.root / COMBINATION_FILE).is_file()
     if calibrate and complete and stale and all(r.ok for r in results):
-        calibrate_run(run.root, device)
+        calibrate_run(run.root, device, progress=progress)
     return results
 
 
