@@ -40,11 +40,13 @@ __all__ = [
     "CORRECTIONS",
     "Collected",
     "Combination",
+    "best_point",
     "calibrate_run",
     "collect",
     "kept_specialists",
     "load_combination",
     "score",
+    "score_grid",
     "specialist_offsets",
 ]
 
@@ -231,7 +233,9 @@ def kept_specialists(records: list[SpecialistRecord], z: float = 2.0) -> list[in
     return keep
 
 
-def _grid(col: Collected, keep: list[int] | None, progress: bool = False) -> list[dict]:
+def score_grid(col: Collected, keep: list[int] | None, progress: bool = False) -> list[dict]:
+    """Accuracy and NLL of every combination of the grid (gating widths up to the collected
+    ``top_n_max``, weights, corrections) with the specialists ``keep`` (None: all)."""
     from tqdm.auto import tqdm
 
     points = list(
@@ -253,6 +257,22 @@ def _grid(col: Collected, keep: list[int] | None, progress: bool = False) -> lis
     return grid
 
 
+def best_point(grid: list[dict]) -> dict:
+    """The selection rule: the best accuracy, then the lowest NLL (to 3 decimals), then the
+    simplest point (fewer consulted specialists, weight nearest 1, correction in CORRECTIONS'
+    order)."""
+    return min(
+        grid,
+        key=lambda g: (
+            -g["accuracy"],
+            round(g["nll"], 3),
+            g["top_n"],
+            abs(np.log(g["spec_weight"])),
+            CORRECTIONS.index(g["correction"]),
+        ),
+    )
+
+
 def choose(
     col: Collected, keep: list[int] | None = None, progress: bool = False
 ) -> tuple[Combination, list[dict]]:
@@ -263,19 +283,10 @@ def choose(
     level = em_log.level
     em_log.setLevel(logging.ERROR)  # a few slow EM rows at extreme weights are not news here
     try:
-        grid = _grid(col, keep, progress)
+        grid = score_grid(col, keep, progress)
     finally:
         em_log.setLevel(level)
-    best = min(
-        grid,
-        key=lambda g: (
-            -g["accuracy"],
-            round(g["nll"], 3),
-            g["top_n"],
-            abs(np.log(g["spec_weight"])),
-            CORRECTIONS.index(g["correction"]),
-        ),
-    )
+    best = best_point(grid)
     comb = Combination(
         top_n=best["top_n"],
         spec_weight=best["spec_weight"],

@@ -1,0 +1,136 @@
+"""How much of the ensemble's gain the choice of combination leaves on the table, per run.
+
+    python benchmarks/combination_study.py runs/fashion-mnist/seed0 runs/fashion-mnist/seed1
+    python benchmarks/combination_study.py runs/omniglot/seed0 --temperature
+
+For each run (trained specialists; the run's own generalist and splits), every combination of
+the calibration grid (gating width, specialist weight, dustbin correction) is scored on the
+validation split and on the test split. Printed per run, as relative test-error reductions
+against the generalist:
+
+- ``accuracy rule``: the point the framework chooses (best validation accuracy, then NLL, then
+  the simplest), i.e. what ``specialists calibrate`` writes;
+- ``NLL rule``: the point with the lowest validation NLL instead;
+- ``oracle``: the best point on the *test* split itself, a ceiling for any selection rule over
+  this grid with these specialists (not a method: it looks at the test labels).
+
+With ``--temperature`` the same three are repeated with each specialist's logits divided by a
+temperature fitted on validation (lowest NLL of its own labels, after the gated dustbin
+correction, on the examples the widest gate sends it), to see whether specialists that are
+over- or under-confident distort the combination. Slow on many classes: every grid point runs
+the EM combiner over both splits (Omniglot: minutes per run on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specialists.calibrate import (  # noqa: E402
+    Collected,
+    Combination,
+    best_point,
+    collect,
+    kept_specialists,
+    score_grid,
+    specialist_offsets,
+)
+from specialists.ensemble import Ensemble  # noqa: E402
+from train.data import DataSpec, load_data  # noqa: E402
+
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 141))
+
+
+def specialist_targets(col: Collected, m: int) -> torch.Tensor:
+    """Specialist m's own labels (its group's classes in ascending order, then the dustbin) for
+    the examples it was run on."""
+    rec = col.records[m]
+    lut = np.full(col.n_classes, len(rec.classes), dtype=np.int64)
+    lut[sorted(rec.classes)] = np.arange(len(rec.classes))
+    return torch.from_numpy(lut[col.labels[col.rows[m].numpy()]])
+
+
+def fit_temperature(col: Collected, m: int) -> float:
+    """The temperature (on a log grid from 0.25 to 8) with the lowest validation NLL."""
+    if len(col.rows[m]) == 0:
+        return 1.0
+    offset = torch.from_numpy(specialist_offsets(col.records[m], "gated"))
+    y = specialist_targets(col, m)
+    nll = [
+        torch.nn.functional.cross_entropy(col.logits[m] / t + offset, y).item()
+        for t in TEMPERATURES
+    ]
+    return float(TEMPERATURES[int(np.argmin(nll))])
+
+
+def scaled(col: Collected, temperatures: list[float]) -> Collected:
+    out = copy.copy(col)
+    out.logits = [lg / t for lg, t in zip(col.logits, temperatures, strict=True)]
+    return out
+
+
+def relative(acc: float, generalist: float) -> float:
+    return 100.0 * (acc - generalist) / max(1.0 - generalist, 1e-12)
+
+
+def study(val: Collected, test: Collected) -> dict:
+    keep = kept_specialists(val.records)
+    keep = None if len(keep) == len(val.records) else keep
+    g_val, g_test = score_grid(val, keep), score_grid(test, keep)
+    gen = float((test.p_g.argmax(1).numpy() == test.labels).mean())
+
+    def test_of(point: dict) -> tuple[float, str]:
+        i = g_val.index(point)
+        c = Combination(point["top_n"], point["spec_weight"], point["correction"])
+        return relative(g_test[i]["accuracy"], gen), c.describe().split(", specialists")[0]
+
+    oracle = max(g_test, key=lambda g: g["accuracy"])
+    oracle_point = g_val[g_test.index(oracle)]
+    return {
+        "accuracy rule": test_of(best_point(g_val)),
+        "NLL rule": test_of(min(g_val, key=lambda g: g["nll"])),
+        "oracle": test_of(oracle_point),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN")
+    parser.add_argument("--temperature", action="store_true", help="also temperature-scaled")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    logging.getLogger("specialists.combiner").setLevel(logging.ERROR)
+
+    rows: dict[str, list[float]] = {}
+    for run in args.runs:
+        ens = Ensemble.load(run, args.device, combination=Combination())
+        bundle = load_data(DataSpec.from_dict(ens.record.data))
+        val, test = (bundle.split(s) for s in ("val", "test"))
+        cols = {s: collect(ens, d.images, d.labels) for s, d in (("val", val), ("test", test))}
+        variants = {"": (cols["val"], cols["test"])}
+        if args.temperature:
+            temps = [fit_temperature(cols["val"], m) for m in range(len(cols["val"].records))]
+            print(f"{run}: fitted temperatures {', '.join(f'{t:.2f}' for t in temps)}")
+            variants["temperature-scaled, "] = tuple(scaled(c, temps) for c in cols.values())
+        for prefix, (v, t) in variants.items():
+            for rule, (gain, what) in study(v, t).items():
+                name = prefix + rule
+                rows.setdefault(name, []).append(gain)
+                print(f"{run}: {name:40s} {gain:6.2f}%  ({what})", flush=True)
+    print("\nrelative test-error reduction, mean over runs:")
+    for name, gains in rows.items():
+        per_run = " / ".join(f"{g:.2f}" for g in gains)
+        print(f"  {name:40s} {np.mean(gains):6.2f}%   ({per_run})")
+
+
+if __name__ == "__main__":
+    main()
