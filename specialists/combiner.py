@@ -64,6 +64,7 @@ __all__ = [
 # "row's ratios - ratios of the groups holding c" stays ~1e-10, below any tolerance used.
 _RATIO_CAP = 1e6
 _MAX_STEP = 1e4  # SQUAREM's longest extrapolation, in steps of plain EM
+_BACKTRACKS = 4  # tries of a shorter jump (toward plain EM) before taking plain EM
 _warned_max_iter = False  # the iteration cap is a warning once per process, then debug
 
 SpecProbs = Tensor | Sequence[Tensor]
@@ -386,9 +387,12 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
 
     ``accelerate``: SQUAREM (Varadhan & Roland 2008), per example: from two EM steps r = F(q) - q
     and v = F(F(q)) - 2 F(q) + q, jump to q - 2 s r + s^2 v with s = -|r| / |v| (s = -1 is two
-    plain EM steps), then take one EM step from there. The jump is kept only where it stays
-    positive and leaves a smaller step than plain EM's, so the fixed point is the same; where EM
-    crawls (a strong specialist weight), it gets there in far fewer steps."""
+    plain EM steps), then take one EM step from there. A jump that leaves the simplex is
+    shortened toward s = -1; one that ends with a higher objective than the two plain steps is
+    not taken, so the objective never rises and the fixed point is EM's. Where EM crawls (a
+    heavily weighted specialist, or a confident generalist against a specialist's large
+    dustbin), it gets there in several times fewer steps, and much closer to the optimum at a
+    given tolerance."""
     p_g = packed.p_g
     q_full = p_g.clone()
     if packed.n_active_rows == 0:
@@ -452,6 +456,22 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
     def row_sq(d_u: Tensor, d_alpha: Tensor) -> Tensor:  # (R,) squared norm of a step of q
         return per_row(d_u * d_u) + d_alpha * d_alpha * free_sq
 
+    entry_row = pair_row.index_select(0, entry_pair)  # (E,)
+    has_free = free_pg > 0
+
+    def merit(q_u: Tensor, alpha: Tensor) -> Tensor:
+        """(R,) the objective of each example, up to a constant of the example."""
+        lq = torch.log(q_u.clamp_min(1e-300))
+        log_alpha = torch.where(has_free, torch.log(alpha.clamp_min(1e-300)), 0.0)
+        f = packed.w_g * (per_row(pg_u * lq) + free_pg * log_alpha)
+        f.index_add_(0, entry_row, w_e * lq.index_select(0, entry_u))
+        inside = torch.zeros(n_pairs, dtype=f64, device=device)
+        inside.index_add_(0, entry_pair, q_u.index_select(0, entry_u))
+        row_mass = alpha * free_pg + per_row(q_u)
+        out_mass = (row_mass.index_select(0, pair_row) - inside).clamp_min(1e-300)
+        f.index_add_(0, pair_row, wd * torch.log(out_mass))
+        return -f
+
     q_u, alpha = pg_u, torch.ones(n_rows, dtype=f64, device=device)  # start at q = p_g
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)
     n_iter = 0
@@ -466,21 +486,28 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
             r_u, r_a, v_u, v_a = u1 - q_u, a1 - alpha, u2 - 2 * u1 + q_u, a2 - 2 * a1 + alpha
             step = -torch.sqrt(row_sq(r_u, r_a) / row_sq(v_u, v_a).clamp_min(1e-300))
             step = torch.nan_to_num(step, nan=-1.0).clamp(-_MAX_STEP, -1.0)  # -1: plain EM
-            s_u = step.index_select(0, u_row)
-            x_u = q_u - 2 * s_u * r_u + s_u * s_u * v_u
-            x_a = alpha - 2 * step * r_a + step * step * v_a
-            bad = torch.zeros(n_rows, dtype=torch.bool, device=device)
-            bad.index_fill_(0, u_row[~(x_u > 0)], True)  # left the simplex: take plain EM
-            bad |= ~(x_a >= 0) | capped | capped2
-            x_u = torch.where(bad.index_select(0, u_row), u2, x_u)
-            x_a = torch.where(bad, a2, x_a)
+            x_u, x_a = u2, a2
+            todo = ~(capped | capped2)
+            for _ in range(_BACKTRACKS):  # a jump that leaves the simplex is halved toward -1
+                s_u = step.index_select(0, u_row)
+                y_u = q_u - 2 * s_u * r_u + s_u * s_u * v_u
+                y_a = alpha - 2 * step * r_a + step * step * v_a
+                bad = torch.zeros(n_rows, dtype=torch.bool, device=device)
+                bad.index_fill_(0, u_row[~(y_u > 0)], True)
+                ok = todo & ~bad & (y_a >= 0)
+                x_u = torch.where(ok.index_select(0, u_row), y_u, x_u)
+                x_a = torch.where(ok, y_a, x_a)
+                todo &= ~ok
+                if not bool(todo.any()):
+                    break
+                step = -1.0 + (step + 1.0) / 4
             u3, a3, capped3 = em_map(x_u, x_a)
             n_iter += 2
             change2, change3 = row_change(u2 - u1, a2 - a1), row_change(u3 - x_u, a3 - x_a)
-            # A row settled by the first step keeps it; an extrapolation that leaves a larger
-            # step than plain EM's is not taken.
+            # A row settled by the first step keeps it; a jump that ends with a higher objective
+            # than plain EM's two steps is not taken (so the objective still never rises).
             settled = (change <= tol) & ~capped
-            take = ~settled & (change3 <= change2)
+            take = ~settled & (merit(u3, a3) <= merit(u2, a2))
             keep2 = ~settled & ~take
             new_u = torch.where(take.index_select(0, u_row), u3, new_u)
             new_u = torch.where(keep2.index_select(0, u_row), u2, new_u)
