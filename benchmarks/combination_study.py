@@ -14,10 +14,10 @@ against the generalist:
 - ``oracle``: the best point on the *test* split itself, a ceiling for any selection rule over
   this grid with these specialists (not a method: it looks at the test labels).
 
-With ``--temperature`` the same three are repeated with each specialist's logits divided by a
-temperature fitted on validation (lowest NLL of its own labels, after the gated dustbin
-correction, on the examples the widest gate sends it), to see whether specialists that are
-over- or under-confident distort the combination. Slow on many classes: every grid point runs
+With ``--temperature`` the same three are repeated with each specialist's distribution (after the
+gated dustbin correction) sharpened or flattened by a temperature fitted on validation (lowest
+NLL of its own labels on the examples the widest gate sends it), to see whether specialists
+that are over- or under-confident distort the combination. Slow on many classes: every grid point runs
 the EM combiner over both splits (Omniglot: minutes per run on 2 CPU cores).
 """
 
@@ -59,22 +59,28 @@ def specialist_targets(col: Collected, m: int) -> torch.Tensor:
     return torch.from_numpy(lut[col.labels[col.rows[m].numpy()]])
 
 
+def gated_offset(col: Collected, m: int) -> torch.Tensor:
+    return torch.from_numpy(specialist_offsets(col.records[m], "gated"))
+
+
 def fit_temperature(col: Collected, m: int) -> float:
-    """The temperature (on a log grid from 0.25 to 8) with the lowest validation NLL."""
+    """The temperature T (on a log grid from 0.25 to 8) of softmax((logits + gated offset) / T)
+    with the lowest validation NLL."""
     if len(col.rows[m]) == 0:
         return 1.0
-    offset = torch.from_numpy(specialist_offsets(col.records[m], "gated"))
-    y = specialist_targets(col, m)
-    nll = [
-        torch.nn.functional.cross_entropy(col.logits[m] / t + offset, y).item()
-        for t in TEMPERATURES
-    ]
+    corrected, y = col.logits[m] + gated_offset(col, m), specialist_targets(col, m)
+    nll = [torch.nn.functional.cross_entropy(corrected / t, y).item() for t in TEMPERATURES]
     return float(TEMPERATURES[int(np.argmin(nll))])
 
 
 def scaled(col: Collected, temperatures: list[float]) -> Collected:
+    """``col`` with logits that give softmax((logits + gated offset) / T) under the gated
+    correction (and the same distribution moved to another prior under the others)."""
     out = copy.copy(col)
-    out.logits = [lg / t for lg, t in zip(col.logits, temperatures, strict=True)]
+    out.logits = [
+        (lg + gated_offset(col, m)) / t - gated_offset(col, m)
+        for m, (lg, t) in enumerate(zip(col.logits, temperatures, strict=True))
+    ]
     return out
 
 
