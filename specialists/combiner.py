@@ -488,12 +488,12 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
             step = torch.nan_to_num(step, nan=-1.0).clamp(-_MAX_STEP, -1.0)  # -1: plain EM
             x_u, x_a = u2, a2
             todo = ~(capped | capped2)
-            for _ in range(_BACKTRACKS):  # a jump that leaves the simplex is halved toward -1
+            for _ in range(_BACKTRACKS):  # a jump that leaves the simplex: a quarter as long
                 s_u = step.index_select(0, u_row)
                 y_u = q_u - 2 * s_u * r_u + s_u * s_u * v_u
                 y_a = alpha - 2 * step * r_a + step * step * v_a
                 bad = torch.zeros(n_rows, dtype=torch.bool, device=device)
-                bad.index_fill_(0, u_row[~(y_u > 0)], True)
+                bad.index_fill_(0, u_row[~(y_u >= 0)], True)  # (NaN counts as outside)
                 ok = todo & ~bad & (y_a >= 0)
                 x_u = torch.where(ok.index_select(0, u_row), y_u, x_u)
                 x_a = torch.where(ok, y_a, x_a)
