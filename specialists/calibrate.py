@@ -276,9 +276,9 @@ def best_point(grid: list[dict]) -> dict:
 def choose(
     col: Collected, keep: list[int] | None = None, progress: bool = False
 ) -> tuple[Combination, list[dict]]:
-    """The combination with the best validation accuracy (then the lowest NLL, then the simplest:
-    fewer consulted specialists, weight nearest 1) over the grid of gating widths, weights and
-    corrections, with the specialists ``keep`` (None: all); every scored point is returned."""
+    """The combination ``best_point`` picks from the grid of gating widths, weights and
+    corrections scored on ``col``, with the specialists ``keep`` (None: all); every scored point
+    is returned too."""
     em_log = logging.getLogger("specialists.combiner")
     level = em_log.level
     em_log.setLevel(logging.ERROR)  # a few slow EM rows at extreme weights are not news here
