@@ -426,14 +426,16 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
     total_w.index_add_(0, pair_row, packed.pair_w)  # (R,) D = w_g + sum w_m
     ratio_cap = _RATIO_CAP * total_w.index_select(0, pair_row)  # (A,)
 
+    def outside_mass(q_u: Tensor, alpha: Tensor) -> Tensor:  # (A,) Q_m: q's mass outside S_m
+        inside = torch.zeros(n_pairs, dtype=f64, device=device)
+        inside.index_add_(0, entry_pair, q_u.index_select(0, entry_u))
+        row_mass = alpha * free_pg + per_row(q_u)  # (R,)
+        return (row_mass.index_select(0, pair_row) - inside).clamp_min(1e-300)
+
     def em_map(q_u: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One EM update of every active row: (U,), (R,) -> (U,), (R,), and (R,) bool: the
         rows where a ratio hit its cap, hence still far from the optimum."""
-        inside = torch.zeros(n_pairs, dtype=f64, device=device)
-        inside.index_add_(0, entry_pair, q_u.index_select(0, entry_u))  # (A,) mass inside S_m
-        row_mass = alpha * free_pg + per_row(q_u)  # (R,)
-        out_mass = (row_mass.index_select(0, pair_row) - inside).clamp_min(1e-300)  # (A,) Q_m
-        ratio = torch.minimum(wd / out_mass, ratio_cap)  # (A,) w_m d_m / Q_m
+        ratio = torch.minimum(wd / outside_mass(q_u, alpha), ratio_cap)  # (A,) w_m d_m / Q_m
         capped = torch.zeros(n_rows, dtype=torch.bool, device=device)
         capped.index_fill_(0, pair_row[ratio >= ratio_cap], True)  # (R,)
         ratio_row = torch.zeros(n_rows, dtype=f64, device=device)
@@ -465,11 +467,7 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
         log_alpha = torch.where(has_free, torch.log(alpha.clamp_min(1e-300)), 0.0)
         f = packed.w_g * (per_row(pg_u * lq) + free_pg * log_alpha)
         f.index_add_(0, entry_row, w_e * lq.index_select(0, entry_u))
-        inside = torch.zeros(n_pairs, dtype=f64, device=device)
-        inside.index_add_(0, entry_pair, q_u.index_select(0, entry_u))
-        row_mass = alpha * free_pg + per_row(q_u)
-        out_mass = (row_mass.index_select(0, pair_row) - inside).clamp_min(1e-300)
-        f.index_add_(0, pair_row, wd * torch.log(out_mass))
+        f.index_add_(0, pair_row, wd * torch.log(outside_mass(q_u, alpha)))
         return -f
 
     q_u, alpha = pg_u, torch.ones(n_rows, dtype=f64, device=device)  # start at q = p_g
