@@ -17,8 +17,8 @@ against the generalist:
 With ``--temperature`` the same three are repeated with each specialist's distribution (after the
 gated dustbin correction) sharpened or flattened by a temperature fitted on validation (lowest
 NLL of its own labels on the examples the widest gate sends it), to see whether specialists
-that are over- or under-confident distort the combination. Slow on many classes: every grid point runs
-the EM combiner over both splits (Omniglot: minutes per run on 2 CPU cores).
+that are over- or under-confident distort the combination. Slow on many classes: every grid
+point runs the EM combiner over both splits (Omniglot: minutes per run on 2 CPU cores).
 """
 
 from __future__ import annotations

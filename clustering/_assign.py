@@ -46,8 +46,8 @@ def sized_groups(
 
     Undersized groups are dissolved one at a time (smallest first, never below two groups when
     two fit) and their classes go to the nearest centroid with room; then a few
-    capacity-constrained Lloyd steps re-centre the survivors. If the limits still cannot all hold, the nearest classes are pulled from groups
-    that can spare them.
+    capacity-constrained Lloyd steps re-centre the survivors. If the limits still cannot all hold,
+    the nearest classes are pulled from groups that can spare them.
     """
     k = len(points)
     cap = k if max_size is None else max_size
