@@ -10,6 +10,7 @@ from .estimator import ConfusionClustering
 from .metrics import (
     coarse_agreement,
     confusion_captured,
+    confusion_mass,
     expected_random_captured,
     group_labels,
     group_stats,
@@ -29,6 +30,7 @@ __all__ = [
     "choose_grouping",
     "coarse_agreement",
     "confusion_captured",
+    "confusion_mass",
     "expected_random_captured",
     "group_labels",
     "group_stats",

@@ -17,6 +17,7 @@ from ._validate import as_seed, check_groups, check_matrix
 __all__ = [
     "coarse_agreement",
     "confusion_captured",
+    "confusion_mass",
     "expected_random_captured",
     "group_labels",
     "group_stats",
@@ -24,6 +25,11 @@ __all__ = [
 ]
 
 Groups = list[list[int]] | list[np.ndarray]
+
+
+def confusion_mass(matrix: np.ndarray) -> float:
+    """Sum of the positive off-diagonal entries: the confusion mass a grouping can capture."""
+    return _matrix.total_mass(check_matrix(matrix))
 
 
 def confusion_captured(matrix: np.ndarray, groups: Groups) -> float:

@@ -24,7 +24,7 @@ def build_report(
     matrix: np.ndarray,
     model: ConfusionClustering,
     *,
-    matrix_kind: Literal["covariance", "confusion"] = "covariance",
+    matrix_kind: Literal["covariance", "confusion", "second moment"] = "covariance",
     class_names: list[str] | None = None,
     coarse: np.ndarray | None = None,
     confusion: np.ndarray | None = None,

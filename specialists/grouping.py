@@ -17,6 +17,7 @@ from clustering import (
     PredictionStats,
     build_report,
     choose_grouping,
+    confusion_mass,
     plot_grouped_matrix,
     save_report,
 )
@@ -102,6 +103,22 @@ def cluster_run(
         raise SpecialistsError(f"{run.val_probs}: {e}") from e
     confusion = stats.confusion()
     matrix = stats.covariance() if cfg.matrix == "covariance" else confusion.astype(np.float64)
+    matrix_kind = cfg.matrix
+    if cfg.matrix == "covariance" and confusion_mass(matrix) <= 0:
+        # A confident generalist over few classes: its outputs share a simplex, so every pair of
+        # classes co-varies less than independent outputs would (cov_ij = E[p_i p_j] - mu_i mu_j
+        # < 0) even where it confuses them. Measure co-prediction against a perfect classifier
+        # with the same class frequencies instead: cov + mu mu^T = E[p p^T], whose off-diagonal
+        # is the soft confusion mass E[p_i p_j].
+        mean = stats.mean()
+        matrix = matrix + np.outer(mean, mean)
+        matrix_kind = "second moment"
+        log.warning(
+            "%s: the covariance of the predictions has no positive off-diagonal entry (a confident "
+            "generalist over %d classes); grouping on the second moment E[p p^T] instead",
+            run.val_probs,
+            k,
+        )
 
     min_size = cfg.min_size
     if min_size is None:
@@ -151,7 +168,7 @@ def cluster_run(
     report = build_report(
         matrix,
         model,
-        matrix_kind=cfg.matrix,
+        matrix_kind=matrix_kind,
         class_names=grec.class_names,
         coarse=coarse,
         confusion=confusion,
@@ -166,7 +183,7 @@ def cluster_run(
         model.groups_,
         run.clusters_png,
         class_names=grec.class_names,
-        title=f"{cfg.matrix} of the generalist's predictions, by group",
+        title=f"{matrix_kind} of the generalist's predictions, by group",
     )
     manifest.register(run.root, run.clusters, run.clusters_png)
     return report

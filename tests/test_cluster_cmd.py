@@ -12,7 +12,7 @@ from specialists.io import save_npy
 from specialists.run import RunDir
 from train.generalist import GeneralistConfig, train_generalist
 
-from .test_specialists import run_dir  # noqa: F401  (the shared tiny run fixture)
+from .test_specialists import GROUPS, run_dir  # noqa: F401  (the shared tiny run fixture)
 
 
 def test_cluster_writes_report_and_picture(run_dir, tmp_path, capsys):  # noqa: F811
@@ -111,3 +111,40 @@ def test_end_to_end_recovers_the_planted_groups(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(RunDir.of(tmp_path / "run").clusters.read_text())
     assert report["quality"]["ari"] >= 0.9, capsys.readouterr().out
+
+
+def test_a_confident_generalist_over_few_classes_is_grouped_on_the_second_moment(
+    run_dir,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    """Outputs on one simplex co-vary negatively: a generalist that puts 0.95 on the true class
+    and 0.04 on one look-alike has cov_ij = E[p_i p_j] - mu_i mu_j < 0 for every pair, planted
+    look-alikes included. The covariance then holds no positive mass to group; the run falls back
+    to E[p p^T] (its off-diagonal is the soft confusion) and recovers the planted groups."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists", "clusters.json"))
+    run = RunDir.of(out)
+    labels = np.load(run.val_labels)
+    k = 12
+    rng = np.random.default_rng(0)
+    probs = np.full((len(labels), k), 0.01 / (k - 2))
+    for i, y in enumerate(labels):
+        g = GROUPS[y // 4]
+        twin = rng.choice([c for c in g if c != y])  # a look-alike from the same planted group
+        probs[i, y], probs[i, twin] = 0.95, 0.04
+    cov = np.cov(probs.T, bias=True)
+    assert (cov[~np.eye(k, dtype=bool)] < 0).all()  # the situation this test is about
+    save_npy(run.val_probs, probs)
+    manifest.register(run.root, run.val_probs)
+    with caplog.at_level("WARNING"):
+        assert main(["cluster", str(out), "--n-groups", "3", "--quiet"]) == 0
+    assert any("second moment" in r.getMessage() for r in caplog.records)
+    report = json.loads(run.clusters.read_text())
+    assert report["matrix"] == "second moment"
+    assert sorted(g["classes"] for g in report["groups"]) == GROUPS
+    q = report["quality"]
+    assert q["confusion_captured"] > 0.8 and q["confusion_captured"] > 2 * q["random_baseline"]
+    # the default (group count chosen from the data) no longer stops at "no confusion to group"
+    assert main(["cluster", str(out), "--quiet"]) == 0
+    assert json.loads(run.clusters.read_text())["quality"]["confusion_captured"] > 0.5
