@@ -461,6 +461,13 @@ def _data(args: argparse.Namespace) -> int:
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--min-gain-z",
+        type=float,
+        default=2.0,
+        help="keep the specialists only if the ensemble beats the generalist on validation by "
+        "this many standard errors (McNemar's z; default 2; -inf: always keep them)",
+    )
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -468,7 +475,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from specialists.calibrate import COMBINATION_FILE, calibrate_run
 
-    comb = calibrate_run(args.run, args.device, say=print, progress=not args.quiet)
+    comb = calibrate_run(
+        args.run, args.device, say=print, progress=not args.quiet, min_gain_z=args.min_gain_z
+    )
     path = Path(args.run) / COMBINATION_FILE
     print(f"written to {path} ({len(comb.chosen_on['grid'])} settings scored)")
     return 0

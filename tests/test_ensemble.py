@@ -1,10 +1,20 @@
 import json
+import math
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
-from specialists.calibrate import Combination, collect, kept_specialists, score
+from specialists.calibrate import (
+    MIN_GAIN_Z,
+    Combination,
+    calibrate_run,
+    collect,
+    kept_specialists,
+    paired_gain,
+    score,
+)
 from specialists.cli import main
 from specialists.ensemble import Ensemble
 from specialists.errors import SpecialistsError
@@ -110,11 +120,16 @@ def test_training_calibrates_the_combination_on_validation(trained_run):
     run = RunDir.of(trained_run)
     comb = Combination.from_dict(json.loads((run.root / "ensemble.json").read_text()))
     grid = comb.chosen_on["grid"]
+    assert len(grid) == 3 * 5 * 3  # top-n x weights x corrections
+    best = comb.chosen_on.get("best_accuracy", comb.chosen_on["accuracy"])
+    assert best == max(g["accuracy"] for g in grid)
+    # the specialists are kept only when the best point beats the generalist beyond noise
+    gain = comb.chosen_on["gain"]
+    assert (comb.keep == []) == (gain["z"] < MIN_GAIN_Z)
     recs = Ensemble.load(run.root, combination=Combination()).all_specialists
     rule = kept_specialists(recs)
-    assert comb.keep == (None if len(rule) == len(recs) else rule)
-    assert len(grid) == 3 * 5 * 3  # top-n x weights x corrections
-    assert comb.chosen_on["accuracy"] == max(g["accuracy"] for g in grid)
+    if comb.keep != []:
+        assert comb.keep == (None if len(rule) == len(recs) else rule)
     # the stored score is reproduced from scratch on the validation split
     val = load_data(TINY_DATA).val
     col = collect(Ensemble.load(run.root, combination=Combination()), val.images, val.labels)
@@ -122,8 +137,40 @@ def test_training_calibrates_the_combination_on_validation(trained_run):
     # loading uses the calibrated combination unless told otherwise
     ens = Ensemble.load(run.root)
     assert (ens.top_n, ens.combination.spec_weight) == (comb.top_n, comb.spec_weight)
-    assert [s.id for s in ens.specialists] == (comb.keep or [r.id for r in recs])
+    kept = [r.id for r in recs] if comb.keep is None else comb.keep
+    assert [s.id for s in ens.specialists] == kept
     assert Ensemble.load(run.root, top_n=3).top_n == 3
+
+
+def test_paired_gain_by_hand():
+    from types import SimpleNamespace
+
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    p_g = torch.eye(3)[[0, 1, 2, 1, 2, 0, 1]]  # right on the first 3 only
+    q = torch.eye(3)[[0, 1, 0, 0, 1, 2, 1]]  # loses example 2, wins 3, 4 and 5; both miss 6
+    col = SimpleNamespace(labels=labels, p_g=p_g)
+    assert paired_gain(col, q) == {"wins": 3, "losses": 1, "z": round(2 / math.sqrt(4), 4)}
+    assert paired_gain(col, p_g)["z"] == 0.0  # never disagree
+
+
+def test_a_gain_within_noise_falls_back_to_the_generalist(trained_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    said = []
+    # no threshold: the best point of the grid, specialists kept by the in-group rule
+    comb = calibrate_run(out, min_gain_z=-math.inf, say=said.append)
+    assert comb.keep != [] and "generalist alone" not in said[-1]
+    # an unreachable threshold: no specialist, and the ensemble is the generalist itself
+    comb = calibrate_run(out, min_gain_z=math.inf, say=said.append)
+    assert comb.keep == [] and "specialists kept: none" in said[-1]
+    assert "within noise; the ensemble answers with the generalist alone" in said[-2]
+    assert comb.chosen_on["accuracy"] == comb.chosen_on["generalist_accuracy"]
+    assert comb.chosen_on["best_accuracy"] > 0
+    ens = Ensemble.load(out)
+    assert ens.specialists == []
+    images = load_data(TINY_DATA).test.images[:32]
+    out_ = ens.run_batch(images)
+    assert np.allclose(out_.q, out_.p_g, atol=1e-6)
 
 
 def test_calibrate_command(trained_run, tmp_path, capsys):
