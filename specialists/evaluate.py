@@ -90,7 +90,15 @@ def format_metrics(m: dict) -> str:
         f"relative error reduction: {pct(rer)}  ({m['n_test']} test examples, {m['n_specialists']} specialists, top-{m.get('top_n', 1)} gating)"
     )
     c = m.get("combination")
-    if c:
+    if c and c.get("keep") == [] and c.get("validation_gain"):
+        g, z_min = c["validation_gain"], c.get("min_gain_z", 2)
+        z_min = f"{z_min:g}" if isinstance(z_min, (int, float)) else z_min  # "inf" is a string
+        lines.append(
+            "combination (chosen on validation): the generalist alone; the best combination "
+            f"of the specialists beat it on {g['wins']} validation images and lost on "
+            f"{g['losses']}, z = {g['z']:.2f} < {z_min}: within noise"
+        )
+    elif c:
         lines.append(
             f"combination ({'chosen on validation' if c.get('calibrated') else 'fixed'}): "
             f"specialist weight {c['spec_weight']:g}, "
@@ -204,6 +212,8 @@ def evaluate_run(
             "combination": {
                 **{k: v for k, v in ens.combination.to_dict().items() if k != "chosen_on"},
                 "calibrated": bool(ens.combination.chosen_on),
+                "validation_gain": ens.combination.chosen_on.get("gain"),
+                "min_gain_z": ens.combination.chosen_on.get("min_gain_z"),
             },
             "generalist_images_per_second": round(g_ips, 1),
             "ensemble_images_per_second": round(e_ips, 1),

@@ -153,7 +153,7 @@ def test_paired_gain_by_hand():
     assert paired_gain(col, p_g)["z"] == 0.0  # never disagree
 
 
-def test_a_gain_within_noise_falls_back_to_the_generalist(trained_run, tmp_path):
+def test_a_gain_within_noise_falls_back_to_the_generalist(trained_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
     said = []
@@ -171,6 +171,11 @@ def test_a_gain_within_noise_falls_back_to_the_generalist(trained_run, tmp_path)
     images = load_data(TINY_DATA).test.images[:32]
     out_ = ens.run_batch(images)
     assert np.allclose(out_.q, out_.p_g, atol=1e-6)
+    # the evaluation says why no specialist is consulted
+    assert main(["evaluate", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "combination (chosen on validation): the generalist alone" in printed
+    assert "relative error reduction: 0.00%" in printed
 
 
 def test_calibrate_command(trained_run, tmp_path, capsys):
