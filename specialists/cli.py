@@ -464,7 +464,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--min-gain-z",
         type=float,
-        default=2.0,
+        default=2.0,  # calibrate.MIN_GAIN_Z, not imported here: the parser stays light
         help="keep the specialists only if the ensemble beats the generalist on validation by "
         "this many standard errors (McNemar's z; default 2; -inf: always keep them)",
     )
