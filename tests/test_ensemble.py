@@ -186,7 +186,8 @@ def test_calibrate_command(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "combination chosen on 120 validation images" in printed
     assert f"written to {out / 'ensemble.json'}" in printed
-    assert json.loads((out / "ensemble.json").read_text())["chosen_on"]["split"] == "val"
+    chosen_on = json.loads((out / "ensemble.json").read_text())["chosen_on"]
+    assert chosen_on["split"] == "val" and chosen_on["min_gain_z"] == MIN_GAIN_Z  # CLI default
     assert main(["calibrate", str(tmp_path / "nowhere"), "--quiet"]) == 2
 
 
