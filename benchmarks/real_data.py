@@ -103,6 +103,9 @@ def table(rows: list[dict]) -> str:
     for m in rows:
         c = m.get("combination", {})
         comb = f"top-{m['top_n']} w={c.get('spec_weight', 1):g} {c.get('correction') or 'trained'}"
+        if c.get("keep") == []:
+            z = (c.get("validation_gain") or {}).get("z")
+            comb = "generalist alone" + (f" (z={z:.2f})" if z is not None else "")
         kept = len(c["keep"]) if c.get("keep") is not None else m["n_specialists"]
         groups = f"{kept}/{len(m['group_sizes'])}"
         lines.append(
