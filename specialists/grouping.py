@@ -111,7 +111,7 @@ def cluster_run(
         # with the same class frequencies instead: cov + mu mu^T = E[p p^T], whose off-diagonal
         # is the soft confusion mass E[p_i p_j].
         mean = stats.mean()
-        matrix = matrix + np.outer(mean, mean)
+        matrix += np.outer(mean, mean)  # in place: the covariance is ours, and K x K
         matrix_kind = "second moment"
         log.warning(
             "%s: the covariance of the predictions has no positive off-diagonal entry (a confident "
