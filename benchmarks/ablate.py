@@ -27,14 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from specialists.calibrate import Combination, collect, score  # noqa: E402
+from specialists.data import DataSource  # noqa: E402
 from specialists.ensemble import Ensemble  # noqa: E402
 from specialists.evaluate import ensemble_metrics  # noqa: E402
 from specialists.grouping import ClusterConfig, cluster_run  # noqa: E402
-from specialists.io import load_json  # noqa: E402
 from specialists.run import RunDir  # noqa: E402
-from train.data import DataSpec, load_data  # noqa: E402
-from train.pipeline import train_specialists  # noqa: E402
-from train.specialist import SpecialistConfig  # noqa: E402
+from specialists.sources import load_data  # noqa: E402
+from specialists.storage import load_json  # noqa: E402
+from specialists.train.pipeline import train_specialists  # noqa: E402
+from specialists.train.specialist import SpecialistConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.ablate")
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     run.require_generalist()
     root = args.out or run.root.parent / "ablations"
     grec = run.generalist()
-    bundle = load_data(DataSpec.from_dict(grec.data))
+    bundle = load_data(DataSource.from_dict(grec.data))
     test = bundle.test
     names = args.only or list(TRAINING)
     base_groups = None

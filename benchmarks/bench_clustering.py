@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-import clustering as cl
+from specialists import clustering as cl
 
 
 def peak_gib() -> float:

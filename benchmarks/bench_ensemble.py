@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from specialists.data import DataSource
 from specialists.ensemble import Ensemble
-from specialists.io import save_json
 from specialists.run import RunDir
-from train.data import DataSpec, load_data
-from train.generalist import GeneralistConfig, train_generalist
-from train.pipeline import train_specialists
-from train.specialist import SpecialistConfig
+from specialists.sources import load_data
+from specialists.storage import save_json
+from specialists.train.generalist import GeneralistConfig, train_generalist
+from specialists.train.pipeline import train_specialists
+from specialists.train.specialist import SpecialistConfig
 
 
 def quick_run(root: Path, model: str) -> Path:
@@ -47,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else quick_run(Path(tmp), args.model)
         ens = Ensemble.load(run, top_n=args.top_n)
-        images = load_data(DataSpec.from_dict(ens.record.data)).test.images[: args.images]
+        images = load_data(DataSource.from_dict(ens.record.data)).test.images[: args.images]
         out = ens.run_batch(images)
         consulted = np.mean([len(c) for c in out.consulted])
         g, e = ens.throughput(images, repeats=args.repeats)

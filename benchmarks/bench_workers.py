@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from specialists.io import save_json
 from specialists.run import RunDir
-from train.generalist import GeneralistConfig, train_generalist
-from train.pipeline import train_specialists
-from train.specialist import SpecialistConfig
+from specialists.storage import save_json
+from specialists.train.generalist import GeneralistConfig, train_generalist
+from specialists.train.pipeline import train_specialists
+from specialists.train.specialist import SpecialistConfig
 
 DATA = "embedded:n_classes=40,n_groups=8,train_per_class=150,val_per_class=30,test_per_class=30"
 

@@ -44,8 +44,9 @@ from specialists.calibrate import (  # noqa: E402
     score_grid,
     specialist_offsets,
 )
+from specialists.data import DataSource  # noqa: E402
 from specialists.ensemble import Ensemble  # noqa: E402
-from train.data import DataSpec, load_data  # noqa: E402
+from specialists.sources import load_data  # noqa: E402
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 141))
 
@@ -121,7 +122,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     for run in args.runs:
         ens = Ensemble.load(run, args.device, combination=Combination())
-        bundle = load_data(DataSpec.from_dict(ens.record.data))
+        bundle = load_data(DataSource.from_dict(ens.record.data))
         val, test = (bundle.split(s) for s in ("val", "test"))
         cols = {s: collect(ens, d.images, d.labels) for s, d in (("val", val), ("test", test))}
         variants = {"": (cols["val"], cols["test"])}

@@ -28,11 +28,11 @@ from specialists.config import load_config_file  # noqa: E402
 from specialists.errors import SpecialistsError  # noqa: E402
 from specialists.evaluate import evaluate_run  # noqa: E402
 from specialists.grouping import ClusterConfig, cluster_run  # noqa: E402
-from specialists.io import load_json  # noqa: E402
 from specialists.run import RunDir  # noqa: E402
-from train.generalist import GeneralistConfig, train_generalist  # noqa: E402
-from train.pipeline import train_specialists  # noqa: E402
-from train.specialist import SpecialistConfig  # noqa: E402
+from specialists.storage import load_json  # noqa: E402
+from specialists.train.generalist import GeneralistConfig, train_generalist  # noqa: E402
+from specialists.train.pipeline import train_specialists  # noqa: E402
+from specialists.train.specialist import SpecialistConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.real_data")
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("=== %s, seed %d ===", args.config.stem, seed)
             m = run_seed(cfg, seed, out / f"seed{seed}", args.data_root, args.workers)
             if args.controls:
-                from train.controls import evaluate_controls, run_controls
+                from specialists.train.controls import evaluate_controls, run_controls
 
                 run_controls(out / f"seed{seed}", args.workers, seed=seed, progress=False)
                 m.update(evaluate_controls(out / f"seed{seed}"))

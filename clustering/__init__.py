@@ -2,7 +2,8 @@
 
 Pure numerics on prediction matrices (no model code): streaming covariance / confusion
 statistics, a scikit-learn style clustering estimator (faiss k-means or spectral), a default
-chooser, quality metrics, the ``clusters.json`` report and a picture. See DESIGN §1.2.
+chooser, quality metrics, the ``clusters.json`` report and a picture. This package writes no
+files and imports nothing else of the project: it is the bottom layer (see docs/design.md).
 """
 
 from .choose import GroupingChoice, choose_grouping
@@ -16,8 +17,8 @@ from .metrics import (
     group_stats,
     random_split_baseline,
 )
-from .plot import grouped_order, plot_grouped_matrix
-from .report import REPORT_VERSION, build_report, save_report
+from .plot import grouped_matrix_figure, grouped_order
+from .report import REPORT_VERSION, build_report
 from .stats import PredictionStats, prediction_stats
 from .synthetic import planted_covariance, planted_groups, planted_predictions
 
@@ -34,12 +35,11 @@ __all__ = [
     "expected_random_captured",
     "group_labels",
     "group_stats",
+    "grouped_matrix_figure",
     "grouped_order",
-    "plot_grouped_matrix",
     "planted_covariance",
     "planted_groups",
     "planted_predictions",
     "prediction_stats",
     "random_split_baseline",
-    "save_report",
 ]

@@ -2,9 +2,10 @@
 
 The matrix is the K x K covariance of the generalist's predictions (or its confusion matrix). Each
 class is a point: its column, L2-normalised by default (raw columns are dominated by the diagonal
-and k-means then returns one giant group plus singletons, DESIGN §1b). Beyond
-``max_dense_classes`` the points are a low-rank sketch of the columns, so K = 15,000 costs a few
-products of the matrix with a thin block rather than k-means in 15,000 dimensions.
+and k-means then returns one giant group plus singletons; docs/design.md, "Findings that set the
+defaults"). Beyond ``max_dense_classes`` the points are a low-rank sketch of the columns, so
+K = 15,000 costs a few products of the matrix with a thin block rather than k-means in 15,000
+dimensions.
 """
 
 from __future__ import annotations

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._io import atomic_target
 from ._validate import check_groups, check_matrix
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-__all__ = ["grouped_order", "plot_grouped_matrix"]
+__all__ = ["grouped_matrix_figure", "grouped_order"]
 
 
 def grouped_order(
@@ -51,20 +49,19 @@ def grouped_order(
     return order, blocks
 
 
-def plot_grouped_matrix(
+def grouped_matrix_figure(
     matrix: np.ndarray,
     groups: list,
-    path: str | os.PathLike,
     *,
     class_names: list[str] | None = None,
     max_classes: int = 1500,
     title: str | None = None,
-) -> Path:
-    """Save a PNG of ``matrix`` reordered by group, with a box around each group.
+) -> Figure:
+    """A figure of ``matrix`` reordered by group, with a box around each group (the caller saves
+    it; this package writes no files).
 
     The diagonal is blanked (it would set the colour scale) and the scale is clipped at the 99th
-    percentile of the off-diagonal. Written to a temporary file beside ``path`` then renamed, so
-    an interrupted run never leaves a truncated PNG.
+    percentile of the off-diagonal.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -99,8 +96,4 @@ def plot_grouped_matrix(
     shown = f"{len(order)} of {len(m)} classes" if len(order) < len(m) else f"{len(m)} classes"
     ax.set_title(title or f"{len(blocks)} groups, {shown}, ordered by group", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
-
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png")
-    logger.debug("wrote %s", path)
-    return Path(path)
+    return fig

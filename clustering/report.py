@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from ._io import atomic_target
 from .choose import GroupingChoice
 from .estimator import ConfusionClustering
 from .metrics import coarse_agreement, confusion_captured, group_stats, random_split_baseline
 
-__all__ = ["REPORT_VERSION", "build_report", "save_report"]
+__all__ = ["REPORT_VERSION", "build_report"]
 
 REPORT_VERSION = 1
 
@@ -96,13 +92,3 @@ def _plain(v):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     return repr(v)
-
-
-def save_report(path: str | os.PathLike, report: dict) -> Path:
-    """Write the report as JSON atomically (temporary file in the same folder, then rename)."""
-    text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    with atomic_target(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return Path(path)

@@ -1,7 +1,7 @@
 """How the ensemble combines, chosen on validation data instead of assumed.
 
-Four choices decide whether specialists help or hurt (DESIGN §1b), and none has a value that is
-right for every dataset:
+Four choices decide whether specialists help or hurt, and none has a value that is right for
+every dataset (docs/design.md, "Calibration"):
 
 - ``top_n``: how many of the generalist's top classes activate specialists (the paper: 1);
 - ``spec_weight``: the weight w of every specialist's KL term against the generalist's 1, so a
@@ -15,8 +15,7 @@ right for every dataset:
 Last, the chosen combination must beat the generalist on validation beyond noise: McNemar's
 paired test over the examples that one gets right and the other wrong, z = (wins - losses) /
 sqrt(wins + losses) >= ``MIN_GAIN_Z``. Otherwise the ensemble keeps no specialist and answers
-with the generalist alone, since a gain within noise on validation may as well be a loss on test
-(Fashion-MNIST with a converged generalist: +0.17 points on validation, z = 1.2; -0.09 on test).
+with the generalist alone, since a gain within noise on validation may as well be a loss on test.
 
 ``calibrate_run`` runs the generalist and every specialist once over the validation split (each
 specialist only on the inputs that the widest gate would send it), scores the whole grid offline
@@ -29,109 +28,46 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import manifest
-from .combiner import GroupIndex, combine, gate
+from .combination import CORRECTIONS, Combination, specialist_offsets
+from .combiner import combine
+from .data import DataSource
+from .ensemble import Ensemble
 from .errors import SpecialistsError
-from .io import load_json, save_json
+from .gating import GroupIndex, gate
+from .records import SpecialistRecord
 from .run import RunDir
-from .specialist import SpecialistRecord, prior_offsets
+from .sources import load_data
+from .storage import save_json
 
 __all__ = [
-    "CORRECTIONS",
+    "MIN_GAIN_Z",
     "Collected",
-    "Combination",
     "best_point",
     "calibrate_run",
+    "choose",
     "collect",
     "kept_specialists",
-    "load_combination",
     "paired_gain",
     "score",
     "score_grid",
-    "specialist_offsets",
 ]
 
 log = logging.getLogger(__name__)
 
-CORRECTIONS = ("gated", "natural", "none")
 GRID_TOP_N = (1, 2, 3)
 GRID_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
-COMBINATION_FILE = "ensemble.json"
 MIN_GAIN_Z = 2.0  # the ensemble must beat the generalist on validation by 2 standard errors
 SCORE_TOL = 1e-7  # EM tolerance when scoring (argmax and NLL are settled long before 1e-9)
 # Each example stops on its own, so the cap costs only the rare slow rows (one Omniglot row of the
 # grid needs about 350 accelerated steps).
 SCORE_MAX_ITER = 1000
-
-
-@dataclass
-class Combination:
-    """How a run's ensemble combines; ``correction=None`` keeps each specialist's own, and
-    ``keep=None`` keeps every specialist (ids)."""
-
-    top_n: int = 1
-    spec_weight: float = 1.0
-    correction: str | None = None
-    keep: list[int] | None = None
-    chosen_on: dict = field(default_factory=dict)  # what the choice was based on (for the record)
-
-    def __post_init__(self) -> None:
-        if self.top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {self.top_n}")
-        if not self.spec_weight > 0:
-            raise ValueError(f"spec_weight must be > 0, got {self.spec_weight}")
-        if self.correction is not None and self.correction not in CORRECTIONS:
-            raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path = COMBINATION_FILE) -> Combination:
-        try:
-            return cls(
-                top_n=int(d["top_n"]),
-                spec_weight=float(d["spec_weight"]),
-                correction=d.get("correction"),
-                keep=None if d.get("keep") is None else [int(i) for i in d["keep"]],
-                chosen_on=dict(d.get("chosen_on") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise SpecialistsError(f"{source}: not a valid combination ({e})") from e
-
-    def describe(self) -> str:
-        corr = self.correction or "as trained"
-        kept = "all" if self.keep is None else str(len(self.keep)) if self.keep else "none"
-        return (
-            f"top-{self.top_n} gating, specialist weight {self.spec_weight:g}, "
-            f"dustbin correction {corr}, specialists kept: {kept}"
-        )
-
-
-def load_combination(base: Path) -> Combination | None:
-    """The calibrated combination stored in ``base/ensemble.json``, or None."""
-    path = Path(base) / COMBINATION_FILE
-    if not path.is_file():
-        return None
-    return Combination.from_dict(load_json(path), path)
-
-
-def specialist_offsets(rec: SpecialistRecord, correction: str | None) -> np.ndarray:
-    """The logit offsets of ``rec`` for a dustbin correction (None: the one it was trained with)."""
-    if correction is None:
-        return np.asarray(rec.logit_offset, dtype=np.float64)
-    target = {
-        "natural": rec.natural_prior,
-        "gated": rec.gated_prior,
-        "none": rec.train_fraction,
-    }[correction]
-    return prior_offsets(target, rec.train_fraction, len(rec.classes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +91,9 @@ class Collected:
 
 
 @torch.no_grad()
-def collect(ensemble, images: np.ndarray, labels: np.ndarray, top_n_max: int = 3) -> Collected:
+def collect(
+    ensemble: Ensemble, images: np.ndarray, labels: np.ndarray, top_n_max: int = 3
+) -> Collected:
     """Run ``ensemble``'s generalist and every specialist over ``images`` once."""
     top_n_max = min(top_n_max, ensemble.record.n_classes)
     records = ensemble.all_specialists
@@ -244,7 +182,7 @@ def kept_specialists(records: list[SpecialistRecord], z: float = 2.0) -> list[in
     return keep
 
 
-def score_grid(col: Collected, keep: list[int] | None, progress: bool = False) -> list[dict]:
+def score_grid(col: Collected, keep: list[int] | None, *, progress: bool = False) -> list[dict]:
     """Accuracy and NLL of every combination of the grid (gating widths up to the collected
     ``top_n_max``, weights, corrections) with the specialists ``keep`` (None: all)."""
     from tqdm.auto import tqdm
@@ -285,7 +223,7 @@ def best_point(grid: list[dict]) -> dict:
 
 
 def choose(
-    col: Collected, keep: list[int] | None = None, progress: bool = False
+    col: Collected, keep: list[int] | None = None, *, progress: bool = False
 ) -> tuple[Combination, list[dict]]:
     """The combination ``best_point`` picks from the grid of gating widths, weights and
     corrections scored on ``col``, with the specialists ``keep`` (None: all); every scored point
@@ -294,7 +232,7 @@ def choose(
     level = em_log.level
     em_log.setLevel(logging.ERROR)  # a few slow EM rows at extreme weights are not news here
     try:
-        grid = score_grid(col, keep, progress)
+        grid = score_grid(col, keep, progress=progress)
     finally:
         em_log.setLevel(level)
     best = best_point(grid)
@@ -322,6 +260,7 @@ def paired_gain(col: Collected, q: torch.Tensor) -> dict:
 def calibrate_run(
     run_dir: str | Path,
     device: str = "auto",
+    *,
     variant: str | None = None,
     say=log.info,
     progress: bool = False,
@@ -330,19 +269,15 @@ def calibrate_run(
     """Choose the run's combination on its validation split and write ``ensemble.json``
     (``progress``: a bar over the grid's settings). A combination that does not beat the
     generalist by ``min_gain_z`` (McNemar's z, see ``paired_gain``) keeps no specialist."""
-    from train.data import DataSpec, load_data
-
-    from .ensemble import Ensemble
-
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, variant=variant, combination=Combination())
-    bundle = load_data(DataSpec.from_dict(ens.record.data))
+    bundle = load_data(DataSource.from_dict(ens.record.data))
     val = bundle.split("val")
     if len(val) == 0:
         raise SpecialistsError(f"{run.root}: no validation examples to calibrate on")
     col = collect(ens, val.images, val.labels)
     keep = kept_specialists(col.records)
-    comb, grid = choose(col, None if len(keep) == len(col.records) else keep, progress)
+    comb, grid = choose(col, None if len(keep) == len(col.records) else keep, progress=progress)
     generalist_acc = float((col.p_g.argmax(1).numpy() == col.labels).mean())
     plain = score(col, Combination(correction=None))
     gain = paired_gain(col, score(col, comb)["q"]) if comb.keep != [] else None
@@ -367,8 +302,7 @@ def calibrate_run(
             f"< {min_gain_z:g}, within noise; the ensemble answers with the generalist alone"
         )
         comb.keep = []
-    base = run.root / variant if variant else run.root
-    path = base / COMBINATION_FILE
+    path = run.ensemble(variant).combination
     save_json(path, comb.to_dict())
     manifest.register(run.root, path)
     say(

@@ -13,8 +13,9 @@ descent on the logits of q; it is a convex "grouped multinomial" problem, so the
     q_c <- (w_g p_g(c) + sum_{m: c in S_m} w_m p_m(c) + sum_{m: c not in S_m} w_m d_m q_c / Q_m)
            / (w_g + sum_m w_m),        d_m = p_m(dustbin),  Q_m = sum of q outside S_m,
 
-solves it exactly, batched and in a few dozen cheap iterations (``solve_em``). ``solve_gd`` keeps
-the paper's method as a reference for tests and benchmarks.
+solves it exactly, batched and in a few dozen cheap iterations (``solve_em``; the derivation is
+in docs/design.md, "The combiner"). ``specialists.reference.solve_gd`` keeps the paper's method as
+a reference for tests and benchmarks; the groups and the gate live in :mod:`specialists.gating`.
 
 Representation. Only the active (example, specialist) pairs are stored, each with its |S_m|
 probabilities at compact class indices: memory is O(B K + sum over pairs of |S_m|), never
@@ -42,20 +43,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .gating import ActivePairs, GroupIndex
+
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ActivePairs",
-    "CombineResult",
-    "GDResult",
-    "GroupIndex",
-    "combine",
-    "default_tol",
-    "gate",
-    "objective",
-    "solve_em",
-    "solve_gd",
-]
+__all__ = ["CombineResult", "combine", "default_tol", "objective", "solve_em"]
 
 # Cap on the EM ratio w_m d_m / Q_m, in units of the example's total weight D = w_g + sum w_m.
 # At the optimum Q_m >= w_m d_m / D, so the ratio is <= D and the cap never binds there. It binds
@@ -68,128 +60,6 @@ _BACKTRACKS = 4  # tries of a shorter jump (toward plain EM) before taking plain
 _warned_max_iter = False  # the iteration cap is a warning once per process, then debug
 
 SpecProbs = Tensor | Sequence[Tensor]
-
-
-# --------------------------------------------------------------------------------------------
-# Groups and gating
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class GroupIndex:
-    """M class groups over K classes, in two forms: concatenated sorted index lists (for the
-    combiner) and a boolean membership matrix (for gating). Groups may overlap; a class may be
-    in no group."""
-
-    n_classes: int
-    members: Tensor  # (G,) long: sorted classes of group 0, then group 1, ...
-    offsets: Tensor  # (M + 1,) long: group m is members[offsets[m]:offsets[m + 1]]
-    membership: Tensor  # (M, K) bool
-
-    @classmethod
-    def from_lists(
-        cls,
-        groups: Sequence[Sequence[int]],
-        n_classes: int,
-        device: torch.device | str | None = None,
-    ) -> GroupIndex:
-        """Build from one list of class indices per group. Each group is sorted: a specialist's
-        outputs must list its classes in ascending order, then the dustbin."""
-        if n_classes < 1:
-            raise ValueError(f"n_classes must be positive, got {n_classes}")
-        lists = []
-        for m, group in enumerate(groups):
-            classes = sorted(int(c) for c in group)
-            if not classes:
-                raise ValueError(f"group {m} is empty")
-            if classes[0] < 0 or classes[-1] >= n_classes:
-                raise ValueError(f"group {m} has a class outside [0, {n_classes})")
-            if len(set(classes)) != len(classes):
-                raise ValueError(f"group {m} lists a class twice")
-            lists.append(classes)
-        sizes = torch.tensor([len(c) for c in lists], dtype=torch.long)
-        offsets = torch.zeros(len(lists) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(sizes, 0)
-        members = torch.tensor([c for g in lists for c in g], dtype=torch.long)
-        membership = torch.zeros(len(lists), n_classes, dtype=torch.bool)
-        membership[torch.repeat_interleave(torch.arange(len(lists)), sizes), members] = True
-        return cls(n_classes, members.to(device), offsets.to(device), membership.to(device))
-
-    def __len__(self) -> int:
-        return self.offsets.numel() - 1
-
-    @property
-    def n_groups(self) -> int:
-        return len(self)
-
-    @property
-    def sizes(self) -> Tensor:
-        """(M,) long: |S_m|."""
-        return self.offsets[1:] - self.offsets[:-1]
-
-    @property
-    def coverage(self) -> Tensor:
-        """(K,) long: how many groups contain each class (0 = covered by no specialist)."""
-        return self.membership.sum(0)
-
-    @property
-    def device(self) -> torch.device:
-        return self.members.device
-
-    def group(self, m: int) -> list[int]:
-        """The sorted classes of group m."""
-        return self.members[self.offsets[m] : self.offsets[m + 1]].tolist()
-
-    def to_lists(self) -> list[list[int]]:
-        return [self.group(m) for m in range(len(self))]
-
-    def to(self, device: torch.device | str) -> GroupIndex:
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        return GroupIndex(
-            self.n_classes,
-            self.members.to(device),
-            self.offsets.to(device),
-            self.membership.to(device),
-        )
-
-
-class ActivePairs(NamedTuple):
-    """The active (example, specialist) pairs, ``rows[a]`` being the example and ``specs[a]``
-    the specialist of pair a. ``gate`` returns them sorted by specialist, then row."""
-
-    rows: Tensor  # (A,) long
-    specs: Tensor  # (A,) long
-
-    @property
-    def n_pairs(self) -> int:
-        return self.rows.numel()
-
-    def per_specialist(self, n_groups: int) -> list[Tensor]:
-        """Rows of each specialist, a list of M LongTensors (empty for an idle specialist).
-        Running specialist m on ``x[rows_m]`` and concatenating the non-empty outputs in
-        specialist order gives the rows of ``spec_probs`` in pair order."""
-        if self.specs.numel() > 1 and bool((self.specs[1:] < self.specs[:-1]).any()):
-            raise ValueError("pairs must be sorted by specialist (as gate() returns them)")
-        counts = torch.bincount(self.specs, minlength=n_groups)
-        if counts.numel() > n_groups:
-            raise ValueError(f"a specialist index is >= n_groups={n_groups}")
-        return list(torch.split(self.rows, counts.tolist()))
-
-
-def gate(p_g: Tensor, groups: GroupIndex, top_n: int = 1) -> ActivePairs:
-    """Active pairs: specialist m is active for example b when one of the generalist's top-n
-    classes for b is in S_m (the paper uses n = 1). Ties in p_g are broken by ``torch.topk``."""
-    if p_g.dim() != 2 or p_g.shape[1] != groups.n_classes:
-        raise ValueError(f"p_g must be (B, {groups.n_classes}), got {tuple(p_g.shape)}")
-    if not 1 <= top_n <= groups.n_classes:
-        raise ValueError(f"top_n must be in [1, {groups.n_classes}], got {top_n}")
-    membership = groups.to(p_g.device).membership  # (M, K)
-    top = p_g.topk(top_n, dim=1).indices  # (B, n)
-    active = membership[:, top].any(dim=2)  # (M, B)
-    specs, rows = active.nonzero(as_tuple=True)  # row-major: sorted by spec, then row
-    return ActivePairs(rows, specs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +160,7 @@ def _flatten_spec_probs(
     return inside, dust
 
 
-def _pack(
+def pack(
     p_g: Tensor,
     spec_probs: SpecProbs,
     pairs: ActivePairs,
@@ -568,7 +438,7 @@ def solve_em(
     plain EM, for comparison. ``max_iter`` counts EM steps either way."""
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    packed = _pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+    packed = pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
     with torch.no_grad():
         tol = default_tol(p_g.dtype) if tol is None else tol
         return _em(packed, tol, max_iter, accelerate)
@@ -623,15 +493,15 @@ def objective(
 ) -> Tensor:
     """(B,) float64: w_g KL(p_g || q) + sum over active pairs of w_m KL(p_m || A_m q) per
     example, computed in float64 (+inf where q is 0 on a class the models give mass to)."""
-    packed = _pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+    packed = pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
     if q.shape != p_g.shape:
         raise ValueError(f"q must have p_g's shape {tuple(p_g.shape)}, got {tuple(q.shape)}")
     q64 = q.to(device=p_g.device, dtype=torch.float64)
     logq = torch.log(q64)
-    return _objective_all(packed, q64, logq)
+    return objective_of_packed(packed, q64, logq)
 
 
-def _objective_all(packed: _Packed, q64: Tensor, logq: Tensor) -> Tensor:
+def objective_of_packed(packed: _Packed, q64: Tensor, logq: Tensor) -> Tensor:
     pg = packed.p_g.double()
     zero = torch.zeros((), dtype=torch.float64, device=pg.device)
     gen = packed.w_g * (torch.xlogy(pg, pg) - torch.where(pg > 0, pg * logq, zero)).sum(1)
@@ -639,107 +509,3 @@ def _objective_all(packed: _Packed, q64: Tensor, logq: Tensor) -> Tensor:
         return gen
     rows = packed.act_rows
     return gen.index_add(0, rows, packed.spec_terms(q64[rows], logq[rows]))
-
-
-class GDResult(NamedTuple):
-    """q (B, K) in p_g's dtype, the optimiser steps taken, and the (B,) float64 objective."""
-
-    q: Tensor
-    n_steps: int
-    objective: Tensor
-
-
-def solve_gd(
-    p_g: Tensor,
-    spec_probs: SpecProbs,
-    pairs: ActivePairs,
-    groups: GroupIndex,
-    *,
-    spec_weights: Tensor | Sequence[float] | None = None,
-    generalist_weight: float = 1.0,
-    method: str = "adam",
-    max_steps: int = 1000,
-    lr: float | None = None,
-    lr_decay: float = 0.995,
-    target: Tensor | None = None,
-    rtol: float = 1e-6,
-    check_every: int = 10,
-) -> GDResult:
-    """Reference solver, the paper's method: descend the summed objective on the logits z of
-    q = softmax(z), in float64, from z = log p_g. Slow; for tests and benchmarks.
-
-    ``method`` "adam" (default: lr 0.3, multiplied by ``lr_decay`` every step) or "lbfgs"
-    (lr 1, strong-Wolfe line search on the whole batch). With ``target`` (B,), stop as soon as
-    every example's objective is <= target + rtol |target| (checked every ``check_every``
-    steps); otherwise run ``max_steps`` steps, or until L-BFGS meets its own tolerances."""
-    if method not in ("lbfgs", "adam"):
-        raise ValueError(f"method must be 'lbfgs' or 'adam', got {method!r}")
-    packed = _pack(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
-    q_full = p_g.clone()
-    q64 = p_g.double()
-    if packed.n_active_rows == 0:
-        return GDResult(q_full, 0, _objective_all(packed, q64, torch.log(q64)))
-    rows = packed.act_rows
-    pg = q64[rows]  # (R, K)
-    z = torch.log(pg.clamp_min(1e-300)).requires_grad_(True)  # (R, K)
-    zero = torch.zeros((), dtype=torch.float64, device=p_g.device)
-    xlogx = torch.xlogy(pg, pg).sum(1)  # (R,)
-    bound = None
-    if target is not None:
-        tgt = target.to(device=p_g.device, dtype=torch.float64)[rows]
-        bound = tgt + rtol * tgt.abs()
-
-    def per_row(z: Tensor) -> Tensor:  # (R,) objective
-        logq = torch.log_softmax(z, dim=1)
-        gen = xlogx - torch.where(pg > 0, pg * logq, zero).sum(1)
-        return packed.w_g * gen + packed.spec_terms(logq.exp(), logq)
-
-    def reached() -> bool:
-        if bound is None:
-            return False
-        with torch.no_grad():
-            return bool((per_row(z) <= bound).all())
-
-    n_steps = 0
-    if method == "lbfgs":
-        chunk = check_every if bound is not None else max_steps
-        opt = torch.optim.LBFGS(
-            [z],
-            lr=1.0 if lr is None else lr,
-            max_iter=chunk,
-            max_eval=25 * chunk,  # let the step count, not the line search, bound a chunk
-            history_size=50,
-            tolerance_grad=1e-14,
-            tolerance_change=1e-16,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = per_row(z).sum()
-            loss.backward()
-            return loss
-
-        while n_steps < max_steps:
-            before = opt.state[z].get("n_iter", 0)
-            opt.step(closure)
-            taken = opt.state[z]["n_iter"] - before
-            n_steps += taken
-            if reached() or taken < chunk:
-                break  # target met, or L-BFGS stopped on its own tolerances
-    else:
-        opt = torch.optim.Adam([z], lr=0.3 if lr is None else lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
-        while n_steps < max_steps:
-            opt.zero_grad()
-            per_row(z).sum().backward()
-            opt.step()
-            sched.step()
-            n_steps += 1
-            if n_steps % check_every == 0 and reached():
-                break
-    with torch.no_grad():
-        q_full[rows] = torch.softmax(z, dim=1).to(p_g.dtype)
-        obj = _objective_all(packed, q64, torch.log(q64))  # rows without a pair: q = p_g
-        obj[rows] = per_row(z)
-    return GDResult(q_full, n_steps, obj)

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import SpecialistsError
-from .io import atomic_write_text
+from .storage import atomic_write_text
 
 __all__ = ["load_config_file", "merge_config", "write_config"]
 

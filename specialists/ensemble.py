@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from . import manifest
-from .calibrate import COMBINATION_FILE, Combination, load_combination, specialist_offsets
-from .combiner import GroupIndex, combine, gate
+from .artifacts import load_checked, load_generalist, load_groups, load_weights
+from .combination import Combination, load_combination, specialist_offsets
+from .combiner import combine
+from .dustbin import group_hash
 from .errors import SpecialistsError
-from .io import file_sha256, load_json, load_tensors
+from .gating import GroupIndex, gate
 from .models import create_model, resolve_device
-from .records import GeneralistRecord
-from .run import RunDir
-from .specialist import SpecialistRecord, group_hash
+from .records import GeneralistRecord, SpecialistRecord
+from .run import EnsemblePaths, RunDir
+from .transforms import make_transforms
 
 __all__ = ["Ensemble", "EnsembleOutput"]
 
@@ -49,15 +51,14 @@ class Ensemble:
         generalist: nn.Module,
         record: GeneralistRecord,
         specialists: list[SpecialistRecord],
+        *,
         device: torch.device,
         top_n: int | None = None,
         cache_size: int | None = None,
         batch_size: int = 512,
-        spec_dir: Path | None = None,
+        paths: EnsemblePaths | None = None,
         combination: Combination | None = None,
     ) -> None:
-        from train.generalist import make_transforms
-
         comb = combination or Combination()
         if top_n is not None:
             comb = replace(comb, top_n=top_n)
@@ -68,7 +69,7 @@ class Ensemble:
         self.specialists = [s for s in specialists if keep is None or s.id in keep]
         self.device, self.top_n, self.batch_size = device, comb.top_n, batch_size
         self.cache_size = cache_size
-        self.spec_dir = spec_dir or run.specialists_dir
+        self.paths = paths or run.ensemble()
         self.groups = GroupIndex.from_lists(
             [s.classes for s in self.specialists], n_classes=record.n_classes
         ).to(device)
@@ -87,6 +88,7 @@ class Ensemble:
         cls,
         run_dir: str | Path,
         device: str = "auto",
+        *,
         top_n: int | None = None,
         cache_size: int | None = None,
         variant: str | None = None,
@@ -98,57 +100,47 @@ class Ensemble:
         The combination is ``combination`` if given, else the one calibrated on validation
         (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
         equal weights); ``top_n`` overrides its gating width."""
-        from train.generalist import load_generalist
-        from train.pipeline import load_groups
-
         run = RunDir.of(run_dir)
         dev = resolve_device(device)
-        generalist, record = load_generalist(run.root, dev)
-        base = run.root / variant if variant else run.root
-        clusters, spec_dir = base / "clusters.json", base / "specialists"
-        manifest.verify(run.root, clusters)
-        groups = load_groups(clusters, record.n_classes)
+        generalist, record = load_generalist(run, dev)
+        paths = run.ensemble(variant)
+        manifest.verify(run.root, paths.clusters)
+        groups = load_groups(paths.clusters, record.n_classes)
         if top_n is not None and not 1 <= top_n <= record.n_classes:
             raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
         if combination is None:
-            if (base / COMBINATION_FILE).is_file():
-                manifest.verify(run.root, base / COMBINATION_FILE)
-            combination = load_combination(base) or Combination()
-        specs = []
+            manifest.verify(run.root, paths.combination)
+            combination = load_combination(paths.combination) or Combination()
+        records = []
         for i, classes in enumerate(groups):
-            rec_path = spec_dir / f"{i:03d}.json"
-            weights = spec_dir / f"{i:03d}.safetensors"
-            for path in (rec_path, weights):
-                if not path.is_file():
-                    raise SpecialistsError(
-                        f"{path}: specialist {i} is missing (run `specialists train {run.root}`)"
-                    )
-            manifest.verify(run.root, rec_path, weights)
-            rec = SpecialistRecord.from_dict(load_json(rec_path), rec_path)
+            files = paths.specialist(i)
+            rec = load_checked(
+                run,
+                files.record,
+                files.weights,
+                SpecialistRecord,
+                missing=f"specialist {i} is missing (run `specialists train {run.root}`)",
+            )
             if rec.generalist_sha256 != record.weights_sha256:
                 raise SpecialistsError(
-                    f"{rec_path}: trained from another generalist (rerun `specialists train {run.root}`)"
+                    f"{files.record}: trained from another generalist (rerun `specialists train {run.root}`)"
                 )
             if rec.classes != classes or rec.group_hash != group_hash(
                 classes, record.weights_sha256
             ):
                 raise SpecialistsError(
-                    f"{rec_path}: its classes do not match group {i} of {clusters} (rerun `specialists train {run.root}`)"
+                    f"{files.record}: its classes do not match group {i} of {paths.clusters} (rerun `specialists train {run.root}`)"
                 )
-            if file_sha256(weights) != rec.weights_sha256:
-                raise SpecialistsError(
-                    f"{weights}: checksum does not match {rec_path} (file changed or truncated)"
-                )
-            specs.append(rec)
+            records.append(rec)
         return cls(
             run,
             generalist,
             record,
-            specs,
-            dev,
-            top_n,
-            cache_size,
-            spec_dir=spec_dir,
+            records,
+            device=dev,
+            top_n=top_n,
+            cache_size=cache_size,
+            paths=paths,
             combination=combination,
         )
 
@@ -162,16 +154,13 @@ class Ensemble:
         if m in self._cache:
             self._cache.move_to_end(m)
             return self._cache[m]
-        path = self.spec_dir / f"{rec.id:03d}.safetensors"
-        model = create_model(
-            rec.architecture, len(rec.classes) + 1, self.record.in_chans, self.record.input_size
+        n_out = len(rec.classes) + 1
+        model = create_model(rec.architecture, n_out, self.record.in_chans, self.record.input_size)
+        load_weights(
+            model,
+            self.paths.specialist(rec.id).weights,
+            f"a {rec.architecture} with {n_out} outputs",
         )
-        try:
-            model.load_state_dict(load_tensors(path))
-        except RuntimeError as e:
-            raise SpecialistsError(
-                f"{path}: does not match a {rec.architecture} with {len(rec.classes) + 1} outputs"
-            ) from e
         model.to(self.device).eval()
         self._cache[m] = model
         if self.cache_size is not None and len(self._cache) > self.cache_size:

@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest
+from .data import DataSource
+from .ensemble import Ensemble
 from .errors import SpecialistsError
-from .io import atomic_path, save_json
 from .run import RunDir
+from .sources import load_data, parse_source
+from .storage import save_figure, save_json
 
 __all__ = ["ensemble_metrics", "evaluate_run", "format_metrics", "plot_coverage"]
 
@@ -162,13 +165,13 @@ def plot_coverage(m: dict, path: str | Path) -> None:
         f"ensemble {100 * m['ensemble_accuracy']:.2f}% vs generalist {100 * m['generalist_accuracy']:.2f}%"
     )
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def evaluate_run(
     run_dir: str | Path,
+    *,
     data: str | None = None,
     split: str = "test",
     top_n: int | None = None,
@@ -176,21 +179,17 @@ def evaluate_run(
     cache_size: int | None = None,
 ) -> dict:
     """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``."""
-    from train.data import DataSpec, load_data, parse_data_spec
-
-    from .ensemble import Ensemble
-
     run = RunDir.of(run_dir)
-    ens = Ensemble.load(run.root, device, top_n, cache_size)
-    spec = (
-        parse_data_spec(data, seed=ens.record.data["seed"], image_size=ens.record.input_size)
+    ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size)
+    source = (
+        parse_source(data, seed=ens.record.data["seed"], image_size=ens.record.input_size)
         if data
-        else DataSpec.from_dict(ens.record.data)
+        else DataSource.from_dict(ens.record.data)
     )
-    bundle = load_data(spec)
+    bundle = load_data(source)
     if bundle.class_names != ens.record.class_names:
         raise SpecialistsError(
-            f"{spec.describe()}: its classes differ from the run's generalist ({bundle.n_classes} vs {ens.record.n_classes})"
+            f"{source.describe()}: its classes differ from the run's generalist ({bundle.n_classes} vs {ens.record.n_classes})"
         )
     part = bundle.split(split)
     images = part.images
@@ -207,7 +206,7 @@ def evaluate_run(
     m.update(
         {
             "split": split,
-            "data": spec.describe(),
+            "data": source.describe(),
             "top_n": ens.top_n,
             "combination": {
                 **{k: v for k, v in ens.combination.to_dict().items() if k != "chosen_on"},
@@ -221,6 +220,6 @@ def evaluate_run(
         }
     )
     save_json(run.metrics, m)
-    plot_coverage(m, run.root / "coverage.png")
-    manifest.register(run.root, run.metrics, run.root / "coverage.png")
+    plot_coverage(m, run.coverage_png)
+    manifest.register(run.root, run.metrics, run.coverage_png)
     return m

@@ -1,6 +1,7 @@
 """Confusion clusters of a run: read the generalist's validation predictions, cluster, report.
 
-The numerics live in the ``clustering`` package; this module connects it to a run directory.
+The numerics live in :mod:`specialists.clustering`; this module connects them to a run directory
+and writes what they return.
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from clustering import (
+from . import manifest
+from .artifacts import generalist_record
+from .clustering import (
     ConfusionClustering,
     PredictionStats,
     build_report,
     choose_grouping,
     confusion_mass,
-    plot_grouped_matrix,
-    save_report,
+    grouped_matrix_figure,
 )
-
-from . import manifest
 from .errors import SpecialistsError
-from .io import load_npy
 from .run import RunDir
+from .storage import load_npy, save_figure, save_json
 
 __all__ = ["ClusterConfig", "cluster_run", "summarize_clusters"]
 
@@ -42,7 +42,8 @@ class ClusterConfig:
     n_groups: int | None = None
     group_size: int | None = None  # overlapping mode: classes per group
     min_size: int | None = None  # default: enough classes for min_group_images
-    # training images a specialist needs (DESIGN §1b: tiny groups overfit)
+    # training images a specialist needs (tiny groups overfit: docs/design.md, "Findings that set
+    # the defaults")
     min_group_images: int = 1000
     max_size: int | None = None
     top_m: int | None = None  # keep the M groups holding the most confusion
@@ -77,13 +78,13 @@ def _load_predictions(run: RunDir, n_classes: int) -> tuple[np.ndarray, np.ndarr
 
 
 def cluster_run(
-    run_dir: str | Path, cfg: ClusterConfig | None = None, batch_size: int = 4096
+    run_dir: str | Path, cfg: ClusterConfig | None = None, *, batch_size: int = 4096
 ) -> dict:
     """Cluster a run's classes; write ``clusters.json`` and ``clusters.png``; return the report."""
     cfg = cfg or ClusterConfig()
     run = RunDir.of(run_dir)
     run.require_generalist()
-    grec = run.generalist()
+    grec = generalist_record(run)
     k = grec.n_classes
     if cfg.n_groups is not None and not 1 <= cfg.n_groups <= k:
         raise SpecialistsError(
@@ -177,14 +178,14 @@ def cluster_run(
     )
     report["config"] = asdict(cfg)
     report["generalist_sha256"] = grec.weights_sha256
-    save_report(run.clusters, report)
-    plot_grouped_matrix(
+    save_json(run.clusters, report)
+    figure = grouped_matrix_figure(
         matrix,
         model.groups_,
-        run.clusters_png,
         class_names=grec.class_names,
         title=f"{matrix_kind} of the generalist's predictions, by group",
     )
+    save_figure(figure, run.clusters_png)
     manifest.register(run.root, run.clusters, run.clusters_png)
     return report
 

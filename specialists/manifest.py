@@ -12,16 +12,17 @@ import os
 from pathlib import Path
 
 from .errors import SpecialistsError
-from .io import file_sha256, load_json, save_json
+from .run import RunDir
+from .storage import file_sha256, load_json, save_json
 
-__all__ = ["MANIFEST_VERSION", "register", "verify"]
+__all__ = ["MANIFEST_VERSION", "checked_sha256", "register", "verify"]
 
 MANIFEST_VERSION = 1
 _HINT = "if a step was interrupted while writing it, rerun that step"
 
 
 def _path(root: Path) -> Path:
-    return root / "manifest.json"
+    return RunDir(root).manifest
 
 
 def _read(root: Path) -> dict:
@@ -50,22 +51,36 @@ def register(root: str | os.PathLike, *paths: str | os.PathLike) -> None:
     save_json(_path(root), data)
 
 
+def _entry(files: dict, root: Path, path: Path) -> dict | None:
+    return files.get(path.resolve().relative_to(root.resolve()).as_posix())
+
+
+def _check(path: Path, entry: dict) -> str:
+    """``path``'s checksum, computed once, after checking it against its manifest ``entry``."""
+    if not path.is_file():
+        raise SpecialistsError(f"{path}: missing (the run's manifest lists it)")
+    if path.stat().st_size != entry["size"]:
+        raise SpecialistsError(
+            f"{path}: {path.stat().st_size} bytes, the run's manifest says {entry['size']} (truncated or changed)"
+        )
+    sha = file_sha256(path)
+    if sha != entry["sha256"]:
+        raise SpecialistsError(f"{path}: checksum does not match the run's manifest (file changed)")
+    return sha
+
+
 def verify(root: str | os.PathLike, *paths: str | os.PathLike) -> None:
     """Check ``paths`` against the manifest; files it does not list pass (not registered yet)."""
     root = Path(root)
     files = _read(root)["files"]
     for p in paths:
-        p = Path(p)
-        entry = files.get(p.resolve().relative_to(root.resolve()).as_posix())
-        if entry is None:
-            continue
-        if not p.is_file():
-            raise SpecialistsError(f"{p}: missing (the run's manifest lists it)")
-        if p.stat().st_size != entry["size"]:
-            raise SpecialistsError(
-                f"{p}: {p.stat().st_size} bytes, the run's manifest says {entry['size']} (truncated or changed)"
-            )
-        if file_sha256(p) != entry["sha256"]:
-            raise SpecialistsError(
-                f"{p}: checksum does not match the run's manifest (file changed)"
-            )
+        entry = _entry(files, root, Path(p))
+        if entry is not None:
+            _check(Path(p), entry)
+
+
+def checked_sha256(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """The SHA-256 of ``path``, reading it once, checked against the manifest when it lists it."""
+    root, path = Path(root), Path(path)
+    entry = _entry(_read(root)["files"], root, path)
+    return file_sha256(path) if entry is None else _check(path, entry)

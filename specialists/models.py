@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SpecialistsError
-from .io import load_tensors
+from .storage import load_tensors
 
 __all__ = [
     "create_model",

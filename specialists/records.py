@@ -1,19 +1,34 @@
-"""Small frozen records that cross package boundaries, stored as JSON."""
+"""The small frozen records that a run directory stores as JSON beside each set of weights.
+
+Every record is a frozen dataclass with ``to_dict`` / ``from_dict`` (one clear line on unknown or
+missing keys, or on a schema newer than this program's) and ``describe`` for progress messages.
+A record that goes with weights carries their checksum (``weights_sha256``); see
+:func:`specialists.artifacts.load_checked` for the one check that every loader makes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from .errors import SpecialistsError
 
-__all__ = ["SCHEMA_VERSION", "GeneralistRecord", "record_from_dict"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "FinetuneRecord",
+    "GeneralistRecord",
+    "Record",
+    "SpecialistRecord",
+    "record_from_dict",
+]
 
 SCHEMA_VERSION = 1
 
+R = TypeVar("R", bound="Record")
 
-def record_from_dict(cls, d: Any, source: str | Path = "record"):
+
+def record_from_dict(cls: type[R], d: Any, source: str | Path = "record") -> R:
     """Build a dataclass from JSON, with one clear line on unknown or missing keys."""
     if not isinstance(d, dict):
         raise SpecialistsError(f"{source}: expected a JSON object")
@@ -38,9 +53,32 @@ def record_from_dict(cls, d: Any, source: str | Path = "record"):
         raise SpecialistsError(f"{source}: {e}") from e
 
 
+class Record:
+    """What the record classes share: JSON in and out, a check after loading, a description."""
+
+    kind: ClassVar[str] = "record"
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict, source: str | Path | None = None) -> R:
+        rec = record_from_dict(cls, d, source or f"{cls.kind} record")
+        rec.check(source or f"{cls.kind} record")
+        return rec
+
+    def check(self, source: str | Path) -> None:
+        """Raise ``SpecialistsError`` naming ``source`` when the fields contradict each other."""
+
+    def describe(self) -> str:
+        return self.kind
+
+
 @dataclass(frozen=True)
-class GeneralistRecord:
+class GeneralistRecord(Record):
     """What a run needs to rebuild and judge its generalist."""
+
+    kind: ClassVar[str] = "generalist"
 
     architecture: str
     n_classes: int
@@ -49,7 +87,7 @@ class GeneralistRecord:
     input_size: int
     mean: list[float]
     std: list[float]
-    data: dict  # DataSpec.to_dict()
+    data: dict  # DataSource.to_dict()
     hflip: bool
     metrics: dict
     weights_sha256: str
@@ -59,14 +97,69 @@ class GeneralistRecord:
     versions: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path = "generalist record") -> GeneralistRecord:
-        rec = record_from_dict(cls, d, source)
-        if rec.n_classes != len(rec.class_names):
+    def check(self, source: str | Path) -> None:
+        if self.n_classes != len(self.class_names):
             raise SpecialistsError(
-                f"{source}: n_classes={rec.n_classes} but {len(rec.class_names)} class names"
+                f"{source}: n_classes={self.n_classes} but {len(self.class_names)} class names"
             )
-        return rec
+
+
+@dataclass(frozen=True)
+class SpecialistRecord(Record):
+    """Everything needed to rebuild, trust and apply one trained specialist."""
+
+    kind: ClassVar[str] = "specialist"
+
+    id: int
+    classes: list[int]
+    class_names: list[str]
+    group_hash: str
+    generalist_sha256: str
+    architecture: str
+    train_fraction: float  # share of each batch drawn from S
+    natural_prior: float  # share of S in the training data
+    gated_prior: float  # share of S among validation inputs whose generalist top-1 is in S
+    correction: str  # natural | gated | none
+    logit_offset: list[float]  # added to the specialist's logits at inference (|S| + 1)
+    metrics: dict
+    history: list[dict]
+    config: dict
+    weights_sha256: str
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def check(self, source: str | Path) -> None:
+        if len(self.logit_offset) != len(self.classes) + 1:
+            raise SpecialistsError(
+                f"{source}: logit_offset has {len(self.logit_offset)} entries for {len(self.classes)} classes + dustbin"
+            )
+
+    def describe(self) -> str:
+        m = self.metrics
+        return (
+            f"specialist {self.id:3d}: {len(self.classes)} classes, in-group accuracy {m['in_group_acc']:.3f} "
+            f"(generalist {m['generalist_in_group_acc']:.3f}), {m['epochs_run']} epochs, {m['seconds']:.0f} s"
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneRecord(Record):
+    """A copy of the generalist fine-tuned over all classes (a control)."""
+
+    kind: ClassVar[str] = "fine-tune"
+
+    id: int
+    examples: int
+    seed: int
+    generalist_sha256: str
+    config: dict
+    metrics: dict
+    weights_sha256: str
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (
+            f"fine-tuned copy {self.id}: {self.examples} examples, val accuracy "
+            f"{self.metrics['val_acc']:.3f}, {self.metrics['seconds']:.0f} s"
+        )

@@ -1,31 +1,91 @@
-"""The layout of a run directory: one place that names every artifact."""
+"""The layout of a run directory: the one place that names its files.
+
+RUN/
+  config.yaml                 the generalist's resolved configuration
+  generalist/model.safetensors, record.json, history.csv, curve.png
+  generalist/val_probs.npy, val_labels.npy   softmax predictions on the validation split
+  generalist/resume/          last-epoch state while training (removed when done)
+  clusters.json, clusters.png the groups
+  cache/{train,val}_{images,labels}.npy      data arrays the specialist workers memory-map
+  specialists.yaml            the specialists' resolved configuration
+  specialists/NNN.safetensors, NNN.json (NNN.error.json while a failed job's error stands)
+  ensemble.json               the combination chosen on validation
+  metrics.json, coverage.png  the evaluation
+  manifest.json               every finished artifact with its size and checksum
+  controls/random/            clusters.json, specialists/, ensemble.json of the random groups
+  controls/extra/, controls/plain/   the fine-tuned copies (NNN.safetensors, NNN.json)
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import SpecialistsError
 
-__all__ = ["RunDir"]
+__all__ = ["ArtifactPaths", "EnsemblePaths", "RunDir"]
+
+
+class ArtifactPaths(NamedTuple):
+    """The files of one job's artifact: its record (written last), weights and error report."""
+
+    record: Path
+    weights: Path
+    error: Path
+
+
+def _artifact(directory: Path, index: int) -> ArtifactPaths:
+    stem = f"{index:03d}"
+    return ArtifactPaths(
+        directory / f"{stem}.json",
+        directory / f"{stem}.safetensors",
+        directory / f"{stem}.error.json",
+    )
+
+
+@dataclass(frozen=True)
+class EnsemblePaths:
+    """One set of groups with its specialists and combination: the run's own or a control's."""
+
+    run_root: Path
+    base: Path
+
+    @property
+    def clusters(self) -> Path:
+        return self.base / "clusters.json"
+
+    @property
+    def clusters_png(self) -> Path:
+        return self.base / "clusters.png"
+
+    @property
+    def specialists_dir(self) -> Path:
+        return self.base / "specialists"
+
+    @property
+    def specialists_subdir(self) -> str:
+        """The specialists' folder relative to the run (what a job names as its output)."""
+        return self.specialists_dir.relative_to(self.run_root).as_posix()
+
+    @property
+    def combination(self) -> Path:
+        return self.base / "ensemble.json"
+
+    def specialist(self, index: int) -> ArtifactPaths:
+        return _artifact(self.specialists_dir, index)
 
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths inside a run directory.
-
-    RUN/
-      config.yaml                 resolved generalist configuration
-      generalist/model.safetensors, record.json, history.csv, curve.png
-      generalist/val_probs.npy, val_labels.npy   softmax predictions on the validation split
-      generalist/resume/          last-epoch state while training (removed when done)
-      clusters.json, clusters.png
-      specialists/NNN.safetensors, NNN.json
-      metrics.json, coverage.png
-    """
+    """Paths inside a run directory (the layout in this module's docstring)."""
 
     root: Path
+
+    RANDOM_CONTROL = "controls/random"  # specialists on random groups of the same sizes
+    EXTRA_CONTROL = "controls/extra"  # the generalist fine-tuned for the specialists' examples
+    PLAIN_CONTROL = "controls/plain"  # fine-tuned copies of the generalist, averaged
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> RunDir:
@@ -67,31 +127,56 @@ class RunDir:
     def resume_dir(self) -> Path:
         return self.generalist_dir / "resume"
 
-    @property
-    def clusters(self) -> Path:
-        return self.root / "clusters.json"
+    def cache_images(self, split: str) -> Path:
+        return self.root / "cache" / f"{split}_images.npy"
+
+    def cache_labels(self, split: str) -> Path:
+        """Written after the split's images: its presence marks the split complete."""
+        return self.root / "cache" / f"{split}_labels.npy"
 
     @property
-    def clusters_png(self) -> Path:
-        return self.root / "clusters.png"
-
-    @property
-    def specialists_dir(self) -> Path:
-        return self.root / "specialists"
+    def specialists_config(self) -> Path:
+        return self.root / "specialists.yaml"
 
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 
-    def generalist(self):
-        """The generalist's record, checked against the run's manifest."""
-        from . import manifest
-        from .io import load_json
-        from .records import GeneralistRecord
+    @property
+    def coverage_png(self) -> Path:
+        return self.root / "coverage.png"
 
-        self.require_generalist()
-        manifest.verify(self.root, self.generalist_record)
-        return GeneralistRecord.from_dict(load_json(self.generalist_record), self.generalist_record)
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def ensemble(self, variant: str | None = None) -> EnsemblePaths:
+        """The run's own groups, specialists and combination, or a control's (``variant``, e.g.
+        ``RunDir.RANDOM_CONTROL``)."""
+        return EnsemblePaths(self.root, self.root / variant if variant else self.root)
+
+    @property
+    def clusters(self) -> Path:
+        return self.ensemble().clusters
+
+    @property
+    def clusters_png(self) -> Path:
+        return self.ensemble().clusters_png
+
+    @property
+    def specialists_dir(self) -> Path:
+        return self.ensemble().specialists_dir
+
+    @property
+    def combination(self) -> Path:
+        return self.ensemble().combination
+
+    def specialist(self, index: int) -> ArtifactPaths:
+        return self.ensemble().specialist(index)
+
+    def artifact(self, subdir: str, index: int) -> ArtifactPaths:
+        """The files of job ``index`` whose output folder is ``RUN/<subdir>``."""
+        return _artifact(self.root / subdir, index)
 
     def require_generalist(self) -> None:
         if not self.root.is_dir():

@@ -8,9 +8,9 @@ import pytest
 
 from specialists import manifest
 from specialists.cli import main
-from specialists.io import save_npy
 from specialists.run import RunDir
-from train.generalist import GeneralistConfig, train_generalist
+from specialists.storage import save_npy
+from specialists.train.generalist import GeneralistConfig, train_generalist
 
 from .test_specialists import GROUPS, run_dir  # noqa: F401  (the shared tiny run fixture)
 

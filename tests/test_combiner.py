@@ -9,16 +9,9 @@ import math
 import pytest
 import torch
 
-from specialists.combiner import (
-    ActivePairs,
-    GroupIndex,
-    combine,
-    default_tol,
-    gate,
-    objective,
-    solve_em,
-    solve_gd,
-)
+from specialists.combiner import combine, default_tol, objective, solve_em
+from specialists.gating import ActivePairs, GroupIndex, gate
+from specialists.reference import solve_gd
 
 F64 = torch.float64
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from specialists.cli import main
-from specialists.io import save_json
 from specialists.run import RunDir
-from train.controls import random_groups
-from train.generalist import GeneralistConfig, train_generalist
-from train.pipeline import train_specialists
-from train.specialist import SpecialistConfig
+from specialists.storage import save_json
+from specialists.train.controls import random_groups
+from specialists.train.generalist import GeneralistConfig, train_generalist
+from specialists.train.pipeline import train_specialists
+from specialists.train.specialist import SpecialistConfig
 
 
 def test_random_groups_keep_sizes_and_are_seeded():

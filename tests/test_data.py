@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from specialists.data import stratified_split
 from specialists.errors import SpecialistsError
-from train.data import load_data, parse_data_spec, read_idx, stratified_split
+from specialists.sources import load_data, parse_source, read_idx
 
 
 def _write_images(folder, n, mode="RGB", size=(20, 20), seed=0):
@@ -36,13 +37,13 @@ def test_image_folder_carves_a_stratified_seeded_val(tmp_path):
     assert len(b.test) == 9
     again = load_data(f"folder:{root}")
     assert np.array_equal(again.val.images, b.val.images)
-    other = load_data(parse_data_spec(str(root), seed=1))
+    other = load_data(parse_source(str(root), seed=1))
     assert not np.array_equal(other.val.images, b.val.images)
 
 
 def test_image_folder_with_val_and_size(tmp_path):
     root = make_tree(tmp_path / "d", val=True)
-    b = load_data(parse_data_spec(str(root), image_size=24))
+    b = load_data(parse_source(str(root), image_size=24))
     assert len(b.val) == 6 and len(b.train) == 30
     assert b.image_size == 24 and b.channels == 3
 
@@ -87,15 +88,15 @@ def test_bad_folders_are_one_clear_error(tmp_path, breakage, message):
 
 
 def test_spec_parsing():
-    assert parse_data_spec("embedded").kind == "embedded"
-    s = parse_data_spec("embedded:n_classes=10,n_groups=2,stripe_contrast=0.5")
+    assert parse_source("embedded").kind == "embedded"
+    s = parse_source("embedded:n_classes=10,n_groups=2,stripe_contrast=0.5")
     assert s.options == {"n_classes": 10, "n_groups": 2, "stripe_contrast": 0.5}
-    assert parse_data_spec("cifar100:/data").kind == "cifar100"
-    assert parse_data_spec("/some/folder").kind == "folder"
+    assert parse_source("cifar100:/data").kind == "cifar100"
+    assert parse_source("/some/folder").kind == "folder"
     with pytest.raises(SpecialistsError, match="unknown option 'colours'"):
-        parse_data_spec("embedded:colours=3")
+        parse_source("embedded:colours=3")
     with pytest.raises(SpecialistsError, match="unknown source kind"):
-        parse_data_spec("imagenet:/x")
+        parse_source("imagenet:/x")
 
 
 def test_embedded_source_exposes_planted_groups():

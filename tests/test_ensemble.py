@@ -8,7 +8,6 @@ import torch
 
 from specialists.calibrate import (
     MIN_GAIN_Z,
-    Combination,
     calibrate_run,
     collect,
     kept_specialists,
@@ -16,14 +15,15 @@ from specialists.calibrate import (
     score,
 )
 from specialists.cli import main
+from specialists.combination import Combination
 from specialists.ensemble import Ensemble
 from specialists.errors import SpecialistsError
 from specialists.evaluate import ensemble_metrics
-from specialists.io import save_json
 from specialists.run import RunDir
-from train.data import load_data
-from train.pipeline import train_specialists
-from train.specialist import SpecialistConfig
+from specialists.sources import load_data
+from specialists.storage import save_json
+from specialists.train.pipeline import train_specialists
+from specialists.train.specialist import SpecialistConfig
 
 from .conftest import TINY_DATA
 from .test_specialists import GROUPS, run_dir  # noqa: F401  (the shared tiny run fixture)

@@ -13,8 +13,8 @@ import pytest
 from specialists import manifest
 from specialists.cli import main
 from specialists.errors import SpecialistsError
-from specialists.io import save_json
 from specialists.run import RunDir
+from specialists.storage import save_json
 
 from .conftest import TINY_DATA
 
@@ -68,7 +68,7 @@ def test_generalist_killed_mid_epoch_resumes_on_the_next_command(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from train.generalist import GeneralistConfig, train_generalist
+    from specialists.train.generalist import GeneralistConfig, train_generalist
 
     out = tmp_path_factory.mktemp("faults") / "run"
     train_generalist(
@@ -94,7 +94,7 @@ def test_a_tampered_record_is_named(small_run, tmp_path, capsys):
     shutil.copytree(small_run, out)
     weights = RunDir.of(out).generalist_weights
     weights.write_bytes(weights.read_bytes()[:100])
-    from train.generalist import load_generalist
+    from specialists.artifacts import load_generalist
 
     with pytest.raises(
         SpecialistsError, match="model.safetensors: 100 bytes, the run's manifest says"
@@ -116,7 +116,7 @@ def test_a_newer_manifest_schema_is_refused(small_run, tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
-    import specialists.io as sio
+    import specialists.storage as sio
 
     target = tmp_path / "metrics.json"
     save_json(target, {"old": True})
@@ -134,7 +134,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_full_disk_during_training_is_one_line(tmp_path, monkeypatch, capsys):
-    import specialists.io as sio
+    import specialists.storage as sio
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -160,7 +160,7 @@ def test_a_class_missing_from_test_is_a_warning(tmp_path, caplog):
     import numpy as np
     from PIL import Image
 
-    from train.data import load_data
+    from specialists.sources import load_data
 
     for split, classes in (("train", ["a", "b", "c"]), ("test", ["a", "b"])):
         for c in classes:

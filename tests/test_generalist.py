@@ -6,12 +6,14 @@ import torch
 
 from specialists.cli import main
 from specialists.errors import SpecialistsError
-from specialists.io import load_tensors, save_tensors
 from specialists.models import create_model
 from specialists.run import RunDir
-from train.data import load_data
-from train.generalist import GeneralistConfig, load_generalist, make_transforms, train_generalist
-from train.loop import predict_proba
+from specialists.sources import load_data
+from specialists.storage import load_tensors, save_tensors
+from specialists.artifacts import load_generalist
+from specialists.train.generalist import GeneralistConfig, train_generalist
+from specialists.train.loop import predict_proba
+from specialists.transforms import make_transforms
 
 from .conftest import TINY_DATA
 
@@ -58,7 +60,11 @@ def test_reload_reproduces_the_recorded_validation_accuracy_exactly(trained):
     bundle = load_data(TINY_DATA)
     _, eval_tf = make_transforms(rec)
     probs = predict_proba(
-        model, bundle.val.images, eval_tf, torch.device("cpu"), rec.eval_batch_size
+        model,
+        bundle.val.images,
+        transform=eval_tf,
+        device=torch.device("cpu"),
+        batch_size=rec.eval_batch_size,
     )
     assert float((probs.argmax(1) == bundle.val.labels).mean()) == rec.metrics["val_accuracy"]
     assert np.array_equal(probs, np.load(RunDir.of(out).val_probs))
@@ -73,7 +79,7 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch):
-    import train.generalist as g
+    import specialists.train.generalist as g
 
     full = train_generalist(tiny_cfg(epochs=3), tmp_path / "full", progress=False)
     calls = {"n": 0}

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from specialists.run import RunDir
-from train.launch import Job, run_jobs
-from train.specialist import SpecialistConfig
+from specialists.train.launch import run_jobs
+from specialists.train.specialist import SpecialistConfig, specialist_job
 
 from .test_specialists import GROUPS, run_dir  # noqa: F401  (the shared tiny run fixture)
 
@@ -42,12 +42,14 @@ def test_ray_trains_specialists_and_retries_a_killed_worker(tmp_path, run_dir, l
     sha = json.loads(run.generalist_record.read_text())["weights_sha256"]
     # The worker that trains specialist 1 is SIGKILLed after its first epoch, once; Ray retries it.
     cfg = SpecialistConfig(epochs=2, batch_size=32, examples_per_epoch=256)
-    jobs = [Job(i, tuple(g)) for i, g in enumerate(GROUPS[:2])]
-    results = run_jobs(run, jobs, cfg, sha, backend="ray", workers=2, progress=False)
+    jobs = [specialist_job(i, g, sha) for i, g in enumerate(GROUPS[:2])]
+    results = run_jobs(
+        run, jobs, cfg=cfg, generalist_sha=sha, backend="ray", workers=2, progress=False
+    )
     assert local_ray.exists()  # the fault did fire
     assert [r.ok for r in results] == [True, True], [r.error for r in results]
     assert [r.record.classes for r in results] == GROUPS[:2]
-    assert all((run.specialists_dir / f"{i:03d}.json").is_file() for i in range(2))
+    assert all(run.specialist(i).record.is_file() for i in range(2))
 
 
 def test_ray_reports_a_failing_job_without_stopping_the_others(tmp_path, run_dir, local_ray):  # noqa: F811
@@ -56,8 +58,7 @@ def test_ray_reports_a_failing_job_without_stopping_the_others(tmp_path, run_dir
     run = RunDir.of(out)
     sha = json.loads(run.generalist_record.read_text())["weights_sha256"]
     cfg = SpecialistConfig(epochs=1, batch_size=32, examples_per_epoch=128)
-    results = run_jobs(
-        run, [Job(0, (0, 1)), Job(1, (0, 99))], cfg, sha, backend="ray", progress=False
-    )
+    jobs = [specialist_job(0, [0, 1], sha), specialist_job(1, [0, 99], sha)]
+    results = run_jobs(run, jobs, cfg=cfg, generalist_sha=sha, backend="ray", progress=False)
     assert results[0].ok and not results[1].ok
     assert "out of range" in results[1].error

@@ -14,9 +14,8 @@ from PIL import Image
 
 from specialists.errors import SpecialistsError
 from specialists.models import load_checkpoint_weights
-from specialists.records import GeneralistRecord
-from specialists.specialist import SpecialistRecord
-from train.data import load_data
+from specialists.records import GeneralistRecord, SpecialistRecord
+from specialists.sources import load_data
 
 
 class _Boom:
@@ -40,8 +39,8 @@ def test_a_crafted_pickle_is_refused_without_running_it(tmp_path, name):
 
 
 def test_a_crafted_pickle_in_place_of_run_weights_is_refused(tmp_path):
-    from specialists.io import save_json
-    from train.generalist import load_generalist
+    from specialists.storage import save_json
+    from specialists.artifacts import load_generalist
 
     marker = tmp_path / "executed"
     gen = tmp_path / "run" / "generalist"

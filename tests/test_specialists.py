@@ -6,15 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from specialists.io import save_json
+from specialists.dustbin import build_specialist, prior_offsets, project_to_group
 from specialists.models import create_model
 from specialists.run import RunDir
-from specialists.specialist import build_specialist, prior_offsets, project_to_group
-from train.data import load_data
-from train.generalist import GeneralistConfig, load_generalist, make_transforms, train_generalist
-from train.launch import Job, run_jobs
-from train.loop import predict_proba
-from train.specialist import EnrichedBatchSampler, SpecialistConfig, cache_data, train_specialist
+from specialists.sources import load_data
+from specialists.storage import save_json
+from specialists.artifacts import load_generalist
+from specialists.train._job import cache_data
+from specialists.train.generalist import GeneralistConfig, train_generalist
+from specialists.train.launch import run_jobs
+from specialists.train.loop import predict_proba
+from specialists.train.specialist import (
+    EnrichedBatchSampler,
+    SpecialistConfig,
+    specialist_job,
+    train_specialist,
+)
+from specialists.transforms import make_transforms
 
 from .conftest import TINY_DATA
 
@@ -85,17 +93,17 @@ def test_natural_correction_recovers_the_dustbin_share(run_dir):
     cfg = SpecialistConfig(
         epochs=6, batch_size=64, examples_per_epoch=1024, correction="natural", lr=3e-3, patience=6
     )
-    rec = train_specialist(run_dir, 50, classes, cfg, "cpu", 1)
+    rec = train_specialist(run_dir, 50, classes, cfg, device="cpu", threads=1)
     assert np.isclose(rec.natural_prior, 1 / 6)
     _, grec = load_generalist(run_dir)
     model = create_model(grec.architecture, 3, grec.in_chans)
-    from specialists.io import load_tensors
+    from specialists.storage import load_tensors
 
-    model.load_state_dict(load_tensors(RunDir.of(run_dir).specialists_dir / "050.safetensors"))
+    model.load_state_dict(load_tensors(RunDir.of(run_dir).specialist(50).weights))
     bundle = load_data(TINY_DATA)
     _, eval_tf = make_transforms(grec)
     logits = torch.log(
-        torch.from_numpy(predict_proba(model, bundle.test.images, eval_tf, torch.device("cpu")))
+        torch.from_numpy(predict_proba(model, bundle.test.images, transform=eval_tf, device=torch.device("cpu")))
     )
     raw = torch.softmax(logits, 1)[:, -1].mean().item()
     fixed = (
@@ -111,16 +119,23 @@ def test_natural_correction_recovers_the_dustbin_share(run_dir):
 def test_local_backend_two_workers(run_dir):
     run = RunDir.of(run_dir)
     sha = json.loads(run.generalist_record.read_text())["weights_sha256"]
-    jobs = [Job(i, tuple(g)) for i, g in enumerate(GROUPS)]
-    results = run_jobs(run, jobs, FAST, sha, workers=2, progress=False)
+    jobs = [specialist_job(i, g, sha) for i, g in enumerate(GROUPS)]
+    results = run_jobs(run, jobs, cfg=FAST, generalist_sha=sha, workers=2, progress=False)
     assert [r.ok for r in results] == [True] * 3
     for r in results:
-        assert (run.specialists_dir / f"{r.job.spec_id:03d}.json").is_file()
-        assert r.record.classes == GROUPS[r.job.spec_id]
+        assert run.specialist(r.job.id).record.is_file()
+        assert r.record.classes == GROUPS[r.job.id]
         assert len(r.record.logit_offset) == 5
-    again = run_jobs(run, jobs, FAST, sha, workers=2, progress=False)
+    again = run_jobs(run, jobs, cfg=FAST, generalist_sha=sha, workers=2, progress=False)
     assert all(r.skipped for r in again)  # nothing retrained
-    changed = run_jobs(run, [Job(0, (0, 1, 2)), *jobs[1:]], FAST, sha, workers=2, progress=False)
+    changed = run_jobs(
+        run,
+        [specialist_job(0, [0, 1, 2], sha), *jobs[1:]],
+        cfg=FAST,
+        generalist_sha=sha,
+        workers=2,
+        progress=False,
+    )
     assert [r.skipped for r in changed] == [False, True, True]  # only the changed group
 
 
@@ -175,7 +190,7 @@ def test_cli_train_bad_input(tmp_path, run_dir, capsys):
 @pytest.mark.parametrize("mode", ["head", "last"])
 def test_cheap_specialists_train_only_the_last_stages(mode):
     from specialists.models import get_classifier
-    from train.specialist import _set_trainable
+    from specialists.train.specialist import _set_trainable
 
     model = create_model("test_efficientnet", 5, 3)
     _set_trainable(model, mode)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from train.synthetic import (
+from specialists.embedded import (
     DETAIL_KINDS,
     SyntheticConfig,
     _class_table,

@@ -1,18 +1,26 @@
-"""Data sources, training loops, and generalist and specialist training."""
+"""Training: the generalist, the specialists and the controls' jobs, the launchers, the pipeline.
 
-from .data import ArraySplit, DataBundle, DataSpec, load_data, parse_data_spec
-from .generalist import GeneralistConfig, load_generalist, train_generalist
-from .synthetic import SyntheticConfig, generate_split
+Installed as ``specialists.train``. It builds on the core (:mod:`specialists`) and the core never
+imports it; the command line (:mod:`specialists.cli`) sits on top.
+"""
+
+from .controls import evaluate_controls, run_controls
+from .generalist import GeneralistConfig, train_generalist
+from .launch import Job, JobResult, run_jobs
+from .pipeline import run_demo, train_specialists
+from .specialist import SpecialistConfig, specialist_job, train_specialist
 
 __all__ = [
-    "ArraySplit",
-    "DataBundle",
-    "DataSpec",
     "GeneralistConfig",
-    "SyntheticConfig",
-    "generate_split",
-    "load_data",
-    "load_generalist",
-    "parse_data_spec",
+    "Job",
+    "JobResult",
+    "SpecialistConfig",
+    "evaluate_controls",
+    "run_controls",
+    "run_demo",
+    "run_jobs",
+    "specialist_job",
     "train_generalist",
+    "train_specialist",
+    "train_specialists",
 ]

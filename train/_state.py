@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from specialists.io import load_json, load_tensors, save_json, save_tensors
+from specialists.storage import load_json, load_tensors, save_json, save_tensors
 
 _TENSOR = "__tensor__"
 

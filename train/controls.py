@@ -16,22 +16,26 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specialists.errors import SpecialistsError
-from specialists.io import file_sha256, load_json, load_tensors, save_json, save_tensors
-from specialists.models import create_model, resolve_device, set_cpu_threads
-from specialists.records import SCHEMA_VERSION, GeneralistRecord, record_from_dict
+from specialists.artifacts import generalist_record, load_checked, load_groups, load_weights
+from specialists.calibrate import calibrate_run
+from specialists.data import DataSource
+from specialists.ensemble import Ensemble
+from specialists.evaluate import ensemble_metrics, evaluate_run
+from specialists.models import create_model, resolve_device
+from specialists.records import FinetuneRecord, GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
-from specialists.specialist import SpecialistRecord
+from specialists.sources import load_data
+from specialists.storage import load_json, save_json
+from specialists.transforms import make_transforms
 
-from .generalist import load_generalist, make_transforms
+from ._job import save_artifact, start_job
 from .launch import Job, JobResult, run_jobs
 from .loop import (
     build_optimizer,
@@ -40,101 +44,74 @@ from .loop import (
     shuffled_batches,
     train_one_epoch,
 )
-from .specialist import SpecialistConfig, _load_cached
+from .specialist import SpecialistConfig, specialist_job
 
-__all__ = ["FinetuneRecord", "fine_tune", "random_groups", "run_controls"]
+__all__ = ["evaluate_controls", "fine_tune", "finetune_job", "random_groups", "run_controls"]
 
 log = logging.getLogger(__name__)
 
-RANDOM_DIR = "controls/random"
-EXTRA_DIR = "controls/extra"
-PLAIN_DIR = "controls/plain"
 
-
-@dataclass(frozen=True)
-class FinetuneRecord:
-    """A copy of the generalist fine-tuned over all classes (a control)."""
-
-    id: int
-    examples: int
-    seed: int
-    generalist_sha256: str
-    config: dict
-    metrics: dict
-    weights_sha256: str
-    schema_version: int = SCHEMA_VERSION
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path = "fine-tune record") -> FinetuneRecord:
-        return record_from_dict(cls, d, source)
-
-    def describe(self) -> str:
-        return f"fine-tuned copy {self.id}: {self.examples} examples, val accuracy {self.metrics['val_acc']:.3f}"
+def finetune_job(index: int, out: str, *, examples: int, seed: int) -> Job:
+    """The launcher's job that fine-tunes copy ``index`` of the generalist into ``RUN/<out>/``."""
+    inputs = {"examples": examples, "seed": seed}
+    return Job(index, out, fine_tune, FinetuneRecord, inputs=inputs, identity=inputs)
 
 
 def fine_tune(
     run_root: str | Path,
     job: Job,
     cfg: SpecialistConfig,
+    *,
     device: str = "auto",
     threads: int | None = None,
 ) -> FinetuneRecord:
-    """Fine-tune the generalist over all classes for ``job.examples`` examples, with the
-    specialists' optimiser settings; write ``RUN/<job.out>/NNN.{safetensors,json}``."""
-    t0 = time.perf_counter()
-    run = RunDir.of(run_root)
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        set_cpu_threads(threads)
-    model, grec = load_generalist(run.root, dev)
-    images, labels = _load_cached(run, "train")
-    val_images, val_labels = _load_cached(run, "val")
-    images_t, labels_t = torch.from_numpy(np.array(images)), torch.from_numpy(labels)
-    train_tf, eval_tf = make_transforms(grec)
-    torch.manual_seed(job.seed)
-    steps = max(1, math.ceil(job.examples / cfg.batch_size))
+    """Fine-tune the generalist over all classes for ``job.inputs["examples"]`` examples, with the
+    specialists' optimiser settings; write its weights and record into ``RUN/<job.out>/``."""
+    examples, seed = job.inputs["examples"], job.inputs["seed"]
+    ctx = start_job(run_root, device=device, threads=threads)
+    model, grec, labels = ctx.generalist, ctx.record, ctx.train_labels
+    images_t, labels_t = torch.from_numpy(np.array(ctx.train_images)), torch.from_numpy(labels)
+    torch.manual_seed(seed)
+    steps = max(1, math.ceil(examples / cfg.batch_size))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, min(steps // 10, 100), steps)
-    rng = np.random.default_rng([job.seed, 31337])
+    rng = np.random.default_rng([seed, 31337])
     batches: list[np.ndarray] = []
     while len(batches) < steps:
         batches.extend(shuffled_batches(len(labels), cfg.batch_size, rng))
     train_one_epoch(
         model,
         images_t,
-        batches[:steps],
-        lambda idx: labels_t[torch.from_numpy(idx)],
-        train_tf,
-        optimizer,
-        scheduler,
-        lambda logits, y, _x: F.cross_entropy(logits, y),
-        dev,
-        cfg.amp,
-        torch.Generator().manual_seed(job.seed),
-        desc=f"copy {job.spec_id}",
+        batches=batches[:steps],
+        targets=lambda idx: labels_t[torch.from_numpy(idx)],
+        transform=ctx.train_transform,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=lambda logits, y, _x: F.cross_entropy(logits, y),
+        device=ctx.device,
+        amp=cfg.amp,
+        generator=torch.Generator().manual_seed(seed),
+        desc=f"copy {job.id}",
         progress=False,
     )
-    val_acc = float(
-        (predict_proba(model, np.array(val_images), eval_tf, dev).argmax(1) == val_labels).mean()
+    val_probs = predict_proba(
+        model, np.array(ctx.val_images), transform=ctx.eval_transform, device=ctx.device
     )
-    out = run.root / job.out
-    weights = out / f"{job.spec_id:03d}.safetensors"
-    save_tensors(weights, model.state_dict(), {"architecture": grec.architecture})
-    rec = FinetuneRecord(
-        id=job.spec_id,
-        examples=job.examples,
-        seed=job.seed,
-        generalist_sha256=grec.weights_sha256,
-        config=asdict(cfg),
-        metrics={"val_acc": val_acc, "seconds": round(time.perf_counter() - t0, 2)},
-        weights_sha256=file_sha256(weights),
+    val_acc = float((val_probs.argmax(1) == ctx.val_labels).mean())
+    return save_artifact(
+        ctx.run.artifact(job.out, job.id),
+        model,
+        metadata={"architecture": grec.architecture},
+        make_record=lambda weights_sha256: FinetuneRecord(
+            id=job.id,
+            examples=examples,
+            seed=seed,
+            generalist_sha256=grec.weights_sha256,
+            config=asdict(cfg),
+            metrics={"val_acc": val_acc, "seconds": ctx.seconds()},
+            weights_sha256=weights_sha256,
+        ),
     )
-    save_json(out / f"{job.spec_id:03d}.json", rec.to_dict())
-    return rec
 
 
 def random_groups(
@@ -151,19 +128,49 @@ def random_groups(
 
 
 def _specialist_records(run: RunDir, n_groups: int) -> list[SpecialistRecord]:
-    recs = []
+    records = []
     for i in range(n_groups):
-        path = run.specialists_dir / f"{i:03d}.json"
-        if not path.is_file():
-            raise SpecialistsError(
-                f"{path}: controls need the run's trained specialists (run `specialists train {run.root}` first)"
+        files = run.specialist(i)
+        records.append(
+            load_checked(
+                run,
+                files.record,
+                files.weights,
+                SpecialistRecord,
+                missing=f"controls need the run's trained specialists (run `specialists train {run.root}` first)",
             )
-        recs.append(SpecialistRecord.from_dict(load_json(path), path))
-    return recs
+        )
+    return records
+
+
+def control_jobs(run: RunDir, *, seed: int = 0) -> tuple[list[Job], SpecialistConfig]:
+    """The controls' jobs with the run's own settings and compute, and that configuration; writes
+    the random groups' ``clusters.json``."""
+    grec = generalist_record(run)
+    groups = load_groups(run.clusters, grec.n_classes)
+    specialists = _specialist_records(run, len(groups))
+    cfg = SpecialistConfig(**specialists[0].config)
+    total = int(sum(s.metrics["examples_seen"] for s in specialists))
+    disjoint = len({c for g in groups for c in g}) == sum(len(g) for g in groups)
+    rand = random_groups([len(g) for g in groups], grec.n_classes, seed, disjoint)
+    random_run = run.ensemble(RunDir.RANDOM_CONTROL)
+    save_json(random_run.clusters, {"groups": [{"classes": g} for g in rand], "seed": seed})
+    n = len(specialists)
+    jobs = [
+        specialist_job(i, g, grec.weights_sha256, out=random_run.specialists_subdir)
+        for i, g in enumerate(rand)
+    ]
+    jobs.append(finetune_job(0, RunDir.EXTRA_CONTROL, examples=total, seed=seed))
+    jobs += [
+        finetune_job(i, RunDir.PLAIN_CONTROL, examples=max(1, total // n), seed=seed + 1 + i)
+        for i in range(n)
+    ]
+    return jobs, cfg
 
 
 def run_controls(
     run_dir: str | Path,
+    *,
     workers: int | None = None,
     backend: str = "local",
     device: str = "auto",
@@ -172,35 +179,22 @@ def run_controls(
     progress: bool = True,
 ) -> list[JobResult]:
     """Train the three controls (only what is missing); returns the job results."""
-    from .pipeline import load_groups
-
     run = RunDir.of(run_dir)
     run.require_generalist()
-    grec = run.generalist()
-    groups = load_groups(run.clusters, grec.n_classes)
-    specs = _specialist_records(run, len(groups))
-    cfg = SpecialistConfig(**specs[0].config)
-    total = int(sum(s.metrics["examples_seen"] for s in specs))
-    disjoint = len({c for g in groups for c in g}) == sum(len(g) for g in groups)
-    rand = random_groups([len(g) for g in groups], grec.n_classes, seed, disjoint)
-    save_json(
-        run.root / RANDOM_DIR / "clusters.json",
-        {"groups": [{"classes": g} for g in rand], "seed": seed},
-    )
-    n = len(specs)
-    jobs = [Job(i, tuple(g), out=f"{RANDOM_DIR}/specialists") for i, g in enumerate(rand)]
-    jobs.append(Job(0, (), out=EXTRA_DIR, kind="finetune", examples=total, seed=seed))
-    jobs += [
-        Job(i, (), out=PLAIN_DIR, kind="finetune", examples=max(1, total // n), seed=seed + 1 + i)
-        for i in range(n)
-    ]
+    jobs, cfg = control_jobs(run, seed=seed)
     results = run_jobs(
-        run, jobs, cfg, grec.weights_sha256, backend, workers, device, ray_address, progress
+        run,
+        jobs,
+        cfg=cfg,
+        generalist_sha=generalist_record(run).weights_sha256,
+        backend=backend,
+        workers=workers,
+        device=device,
+        ray_address=ray_address,
+        progress=progress,
     )
     if all(r.ok for r in results):  # the random groups are combined as the run's own are
-        from specialists.calibrate import calibrate_run
-
-        calibrate_run(run.root, device, variant=RANDOM_DIR)
+        calibrate_run(run.root, device, variant=RunDir.RANDOM_CONTROL)
     return results
 
 
@@ -210,17 +204,17 @@ def _finetuned_proba(
     _, eval_tf = make_transforms(grec)
     probs = []
     for i in range(n):
-        rec_path, weights = (
-            run.root / out / f"{i:03d}.json",
-            run.root / out / f"{i:03d}.safetensors",
-        )
-        rec = FinetuneRecord.from_dict(load_json(rec_path), rec_path)
-        if file_sha256(weights) != rec.weights_sha256:
-            raise SpecialistsError(f"{weights}: checksum does not match {rec_path}")
+        files = run.artifact(out, i)
+        load_checked(run, files.record, files.weights, FinetuneRecord, missing="missing")
         model = create_model(grec.architecture, grec.n_classes, grec.in_chans, grec.input_size)
-        model.load_state_dict(load_tensors(weights))
-        probs.append(predict_proba(model.to(device), images, eval_tf, device))
+        load_weights(model, files.weights, grec.architecture)
+        probs.append(predict_proba(model.to(device), images, transform=eval_tf, device=device))
     return probs
+
+
+def _train_seconds(run: RunDir, out: str, count: int) -> float:
+    records = (load_json(run.artifact(out, i).record) for i in range(count))
+    return round(sum(r["metrics"]["seconds"] for r in records), 1)
 
 
 def control_rows(
@@ -228,38 +222,26 @@ def control_rows(
     images: np.ndarray,
     labels: np.ndarray,
     p_g: np.ndarray,
+    *,
     top_n: int | None = None,
     device: str = "auto",
 ) -> list[dict]:
     """One metrics row per control, conditional accuracy on the run's own covered examples."""
-    from specialists.ensemble import Ensemble
-    from specialists.evaluate import ensemble_metrics
-
-    from .pipeline import load_groups
-
     run = RunDir.of(run_dir)
     dev = resolve_device(device)
-    grec = run.generalist()
+    grec = generalist_record(run)
     groups = load_groups(run.clusters, grec.n_classes)
     n = len(groups)
-
-    def seconds(out: str, count: int) -> float:
-        return round(
-            sum(
-                load_json(run.root / out / f"{i:03d}.json")["metrics"]["seconds"]
-                for i in range(count)
-            ),
-            1,
-        )
-
+    random_run = run.ensemble(RunDir.RANDOM_CONTROL)
     rows = []
-    rand = Ensemble.load(run.root, device, top_n, variant=RANDOM_DIR)
+    rand = Ensemble.load(run.root, device, top_n=top_n, variant=RunDir.RANDOM_CONTROL)
     q_rand = rand.run_batch(images).q
-    rows.append(("random groups", q_rand, seconds(f"{RANDOM_DIR}/specialists", n)))
-    q_extra = _finetuned_proba(run, grec, EXTRA_DIR, 1, images, dev)[0]
-    rows.append(("extra-compute generalist", q_extra, seconds(EXTRA_DIR, 1)))
-    copies = _finetuned_proba(run, grec, PLAIN_DIR, n, images, dev)
-    rows.append(("plain ensemble", (p_g + sum(copies)) / (1 + n), seconds(PLAIN_DIR, n)))
+    rows.append(("random groups", q_rand, _train_seconds(run, random_run.specialists_subdir, n)))
+    q_extra = _finetuned_proba(run, grec, RunDir.EXTRA_CONTROL, 1, images, dev)[0]
+    rows.append(("extra-compute generalist", q_extra, _train_seconds(run, RunDir.EXTRA_CONTROL, 1)))
+    copies = _finetuned_proba(run, grec, RunDir.PLAIN_CONTROL, n, images, dev)
+    plain = (p_g + sum(copies)) / (1 + n)
+    rows.append(("plain ensemble", plain, _train_seconds(run, RunDir.PLAIN_CONTROL, n)))
     out = []
     for name, q, secs in rows:
         m = ensemble_metrics(p_g, q, labels, groups)
@@ -275,22 +257,21 @@ def control_rows(
     return out
 
 
-def evaluate_controls(run_dir: str | Path, top_n: int | None = None, device: str = "auto") -> dict:
+def evaluate_controls(
+    run_dir: str | Path, *, top_n: int | None = None, device: str = "auto"
+) -> dict:
     """Add the control rows and a verdict to ``RUN/metrics.json`` (evaluating the run first if
     needed); returns the updated metrics."""
-    from specialists.ensemble import Ensemble
-    from specialists.evaluate import evaluate_run
-
-    from .data import DataSpec, load_data
-
     run = RunDir.of(run_dir)
     m = load_json(run.metrics) if run.metrics.is_file() else {}
     if m.get("split") != "test" or (top_n is not None and m.get("top_n") != top_n):
         m = evaluate_run(run.root, top_n=top_n, device=device)
-    ens = Ensemble.load(run.root, device, top_n)
-    part = load_data(DataSpec.from_dict(ens.record.data)).test
+    ens = Ensemble.load(run.root, device, top_n=top_n)
+    part = load_data(DataSource.from_dict(ens.record.data)).test
     p_g = ens.generalist_proba(part.images)  # the controls only need the generalist's view
-    m["controls"] = control_rows(run.root, part.images, part.labels, p_g, top_n, device)
+    m["controls"] = control_rows(
+        run.root, part.images, part.labels, p_g, top_n=top_n, device=device
+    )
     gain = m["ensemble_accuracy"] - m["generalist_accuracy"]
     rand = next(r for r in m["controls"] if r["name"] == "random groups")
     if gain > 0:

@@ -14,20 +14,12 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from specialists import manifest
+from specialists._version import __version__
 from specialists.config import write_config
+from specialists.data import DataBundle
 from specialists.errors import SpecialistsError
-from specialists.io import (
-    atomic_write_text,
-    check_writable,
-    file_sha256,
-    load_json,
-    save_json,
-    save_npy,
-    save_tensors,
-)
 from specialists.models import (
     apply_checkpoint,
     create_model,
@@ -37,10 +29,20 @@ from specialists.models import (
 )
 from specialists.records import GeneralistRecord
 from specialists.run import RunDir
+from specialists.sources import load_data, parse_source
+from specialists.storage import (
+    atomic_write_text,
+    check_writable,
+    file_sha256,
+    save_figure,
+    save_json,
+    save_npy,
+    save_tensors,
+)
+from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
 from ._state import load_state, save_state
-from .data import DataBundle, load_data, parse_data_spec
 from .loop import (
     build_optimizer,
     cosine_with_warmup,
@@ -48,9 +50,8 @@ from .loop import (
     shuffled_batches,
     train_one_epoch,
 )
-from .transforms import BatchTransform
 
-__all__ = ["GeneralistConfig", "load_generalist", "train_generalist"]
+__all__ = ["GeneralistConfig", "train_generalist"]
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ class GeneralistConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def make_transforms(record: GeneralistRecord) -> tuple[BatchTransform, BatchTransform]:
-    """(train, eval) transforms of a generalist record."""
-    train = BatchTransform(
-        record.mean, record.std, record.input_size, augment=True, hflip=record.hflip
-    )
-    return train, BatchTransform(record.mean, record.std, record.input_size)
-
-
 def _history_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -119,8 +112,6 @@ def plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from specialists.io import atomic_path
-
     ep = [r["epoch"] for r in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     a1.plot(ep, [100 * r["train_acc"] for r in history], label="train (augmented)")
@@ -135,16 +126,13 @@ def plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
         ax.grid(alpha=0.3)
     a1.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
 def _versions() -> dict:
-    import specialists
-
     return {
-        "specialists": specialists.__version__,
+        "specialists": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
@@ -153,6 +141,7 @@ def _versions() -> dict:
 def train_generalist(
     cfg: GeneralistConfig,
     out: str | Path,
+    *,
     bundle: DataBundle | None = None,
     progress: bool = True,
     force: bool = False,
@@ -173,11 +162,11 @@ def train_generalist(
         create_model(
             cfg.model, 2
         )  # raises the clear "unknown timm model" error before loading data
-    spec = parse_data_spec(
+    source = parse_source(
         cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, image_size=cfg.input_size
     )
     if bundle is None:
-        bundle = load_data(spec)
+        bundle = load_data(source)
     input_size = cfg.input_size or bundle.image_size
     hflip = bundle.hflip if cfg.hflip is None else cfg.hflip
     device = resolve_device(cfg.device)
@@ -227,7 +216,7 @@ def train_generalist(
         "generalist %s (%.2fM params) on %s: %d classes, %d train / %d val images, input %d, device %s%s",
         cfg.model,
         sum(p.numel() for p in model.parameters()) / 1e6,
-        spec.describe(),
+        source.describe(),
         bundle.n_classes,
         len(bundle.train),
         len(bundle.val),
@@ -249,20 +238,27 @@ def train_generalist(
         stats = train_one_epoch(
             model,
             images,
-            batches,
-            lambda idx: labels[torch.from_numpy(idx)],
-            train_tf,
-            optimizer,
-            scheduler,
-            loss_fn,
-            device,
-            cfg.amp,
-            gen,
+            batches=batches,
+            targets=lambda idx: labels[torch.from_numpy(idx)],
+            transform=train_tf,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            device=device,
+            amp=cfg.amp,
+            generator=gen,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             progress=progress,
         )
         maybe_die("generalist", epoch + 1)
-        probs = predict_proba(model, val_images, eval_tf, device, cfg.eval_batch_size, cfg.amp)
+        probs = predict_proba(
+            model,
+            val_images,
+            transform=eval_tf,
+            device=device,
+            batch_size=cfg.eval_batch_size,
+            amp=cfg.amp,
+        )
         val_acc = float((probs.argmax(1) == bundle.val.labels).mean())
         val_loss = float(
             -np.log(np.maximum(probs[np.arange(len(probs)), bundle.val.labels], 1e-12)).mean()
@@ -309,10 +305,9 @@ def train_generalist(
 
     assert best_state is not None
     model.load_state_dict(best_state)
-    val_probs = predict_proba(model, val_images, eval_tf, device, cfg.eval_batch_size, cfg.amp)
-    test_probs = predict_proba(
-        model, bundle.test.images, eval_tf, device, cfg.eval_batch_size, cfg.amp
-    )
+    predict = dict(transform=eval_tf, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+    val_probs = predict_proba(model, val_images, **predict)
+    test_probs = predict_proba(model, bundle.test.images, **predict)
     save_tensors(run.generalist_weights, model.state_dict(), {"architecture": cfg.model})
     plot_history(history, best["epoch"], run.curve)
     save_npy(run.val_probs, val_probs.astype(np.float32))
@@ -336,7 +331,7 @@ def train_generalist(
         input_size=input_size,
         mean=mean,
         std=std,
-        data=spec.to_dict(),
+        data=source.to_dict(),
         hflip=hflip,
         metrics=metrics,
         weights_sha256=file_sha256(run.generalist_weights),
@@ -360,28 +355,3 @@ def train_generalist(
     )
     shutil.rmtree(run.resume_dir, ignore_errors=True)
     return record
-
-
-def load_generalist(
-    run_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, GeneralistRecord]:
-    """Rebuild a run's generalist from its record and safetensors weights (nothing unpickled)."""
-    from specialists.io import load_tensors
-
-    run = RunDir.of(run_dir)
-    run.require_generalist()
-    manifest.verify(run.root, run.generalist_record, run.generalist_weights)
-    record = GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
-    if file_sha256(run.generalist_weights) != record.weights_sha256:
-        raise SpecialistsError(
-            f"{run.generalist_weights}: checksum does not match {run.generalist_record} (file changed or truncated)"
-        )
-    model = create_model(record.architecture, record.n_classes, record.in_chans, record.input_size)
-    state = load_tensors(run.generalist_weights)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise SpecialistsError(
-            f"{run.generalist_weights}: does not match {record.architecture} ({str(e).splitlines()[0]})"
-        ) from e
-    return model.to(device).eval(), record

@@ -1,8 +1,11 @@
-"""Run many specialist jobs in parallel: local processes, or tasks on a Ray cluster.
+"""Run many jobs in parallel: local processes, or tasks on a Ray cluster.
 
-Each job is independent: it reads the run directory and writes its own artifact. A job that
-crashes or is killed affects no other job; it is reported at the end with its error. Running the
-same command again trains only what is missing or whose group changed.
+A job is one independent unit of work that reads the run directory and writes its own artifact
+(weights, then the record that marks it complete). The launcher does not know what a job does:
+the job carries its task (a module-level function) and the type of the record it writes, so
+specialists, the controls' fine-tuned copies and any future kind of job run the same way. A job
+that crashes or is killed affects no other job; it is reported at the end with its error. Running
+the same jobs again trains only what is missing, or whose inputs changed.
 """
 
 from __future__ import annotations
@@ -14,95 +17,80 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
-from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from specialists import manifest
+from specialists.artifacts import load_checked
 from specialists.errors import SpecialistsError
-from specialists.io import file_sha256, load_json, save_json
 from specialists.models import available_cores
+from specialists.records import Record
 from specialists.run import RunDir
-from specialists.specialist import SpecialistRecord, group_hash
+from specialists.storage import load_json, save_json
 
-from .specialist import SpecialistConfig, train_specialist
-
-__all__ = ["Job", "JobResult", "pending_jobs", "run_jobs"]
+__all__ = ["Job", "JobResult", "default_workers", "pending_jobs", "run_jobs"]
 
 log = logging.getLogger(__name__)
+
+# task(run_root, job, cfg, *, device, threads) -> the record it wrote
+Task = Callable[..., Record]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work. ``kind="specialist"`` trains the specialist of ``classes``;
-    ``kind="finetune"`` fine-tunes a copy of the generalist over all classes for ``examples``
-    examples (the controls). Artifacts go to ``RUN/<out>/NNN.*``."""
+    """One unit of work: ``task(run_root, job, cfg, device=..., threads=...)`` writes a
+    ``record_type`` record and its weights as ``RUN/<out>/NNN.*`` (``RunDir.artifact``).
+    ``inputs`` are the task's own (a group's classes, a number of examples, a seed);
+    ``identity`` lists the record fields that must match for an artifact already there to count
+    as this job done (besides the configuration and the generalist, which always must)."""
 
-    spec_id: int
-    classes: tuple[int, ...]
-    out: str = "specialists"
-    kind: str = "specialist"
-    examples: int = 0
-    seed: int = 0
+    id: int
+    out: str
+    task: Task
+    record_type: type[Record]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.record_type.kind} {self.id:3d}"
 
 
 @dataclass
 class JobResult:
     job: Job
     ok: bool
-    record: SpecialistRecord | None = None  # or a FinetuneRecord for finetune jobs
+    record: Record | None = None
     error: str | None = None
     skipped: bool = False
 
 
-def _paths(run: RunDir, job: Job) -> tuple[Path, Path, Path]:
-    d = run.root / job.out
-    return (
-        d / f"{job.spec_id:03d}.json",
-        d / f"{job.spec_id:03d}.safetensors",
-        d / f"{job.spec_id:03d}.error.json",
-    )
-
-
-def _record_type(job: Job):
-    if job.kind == "finetune":
-        from .controls import FinetuneRecord
-
-        return FinetuneRecord
-    return SpecialistRecord
-
-
-def finished_record(
-    run: RunDir, job: Job, generalist_sha: str, cfg: SpecialistConfig
-) -> SpecialistRecord | None:
-    """The job's record if it is complete, intact, and for this group, generalist and config."""
-    rec_path, weights, _ = _paths(run, job)
-    if not rec_path.is_file() or not weights.is_file():
+def finished_record(run: RunDir, job: Job, generalist_sha: str, cfg: Any) -> Record | None:
+    """The job's record if it is complete, intact, and for these inputs, generalist and config."""
+    files = run.artifact(job.out, job.id)
+    if not files.record.is_file() or not files.weights.is_file():
         return None
     try:
-        manifest.verify(run.root, rec_path, weights)
-        rec = _record_type(job).from_dict(load_json(rec_path), rec_path)
+        rec = load_checked(run, files.record, files.weights, job.record_type, missing="missing")
     except SpecialistsError as e:
         log.warning("%s; it will be trained again", e)
         return None
     if rec.config != asdict(cfg) or rec.generalist_sha256 != generalist_sha:
         return None
-    if job.kind == "specialist" and rec.group_hash != group_hash(list(job.classes), generalist_sha):
-        return None
-    if job.kind == "finetune" and (rec.examples, rec.seed) != (job.examples, job.seed):
-        return None
-    if file_sha256(weights) != rec.weights_sha256:
+    if any(getattr(rec, k) != v for k, v in job.identity.items()):
         return None
     return rec
 
 
 def pending_jobs(
-    run: RunDir, jobs: list[Job], generalist_sha: str, cfg: SpecialistConfig
+    run: RunDir, jobs: list[Job], generalist_sha: str, cfg: Any
 ) -> tuple[list[Job], list[JobResult]]:
-    """Split ``jobs`` into those to train and those already done (returned as skipped results)."""
+    """Split ``jobs`` into those to run and those already done (returned as skipped results)."""
     todo, done = [], []
     for job in jobs:
         rec = finished_record(run, job, generalist_sha, cfg)
@@ -113,35 +101,18 @@ def pending_jobs(
     return todo, done
 
 
-def _train_and_report(run_root: str, job: Job, cfg: dict, device: str, threads: int | None) -> bool:
-    """Train one job inside a worker; on failure write its error file. True on success."""
-    _, _, err_path = _paths(RunDir.of(run_root), job)
+def _run_and_report(run_root: str, job: Job, cfg: Any, device: str, threads: int | None) -> bool:
+    """Run one job inside a worker; on failure write its error file. True on success."""
     try:
-        _run_job(run_root, job, cfg, device, threads)
+        job.task(run_root, job, cfg, device=device, threads=threads)
         return True
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, SpecialistsError):
             message = f"{type(e).__name__}: {message}"
-        save_json(err_path, {"error": message, "traceback": traceback.format_exc()})
+        error = RunDir.of(run_root).artifact(job.out, job.id).error
+        save_json(error, {"error": message, "traceback": traceback.format_exc()})
         return False
-
-
-def _run_job(run_root: str, job: Job, cfg: dict, device: str, threads: int | None):
-    if job.kind == "finetune":
-        from .controls import fine_tune
-
-        return fine_tune(run_root, job, SpecialistConfig(**cfg), device, threads)
-    out_dir = Path(run_root) / job.out
-    return train_specialist(
-        run_root,
-        job.spec_id,
-        list(job.classes),
-        SpecialistConfig(**cfg),
-        device,
-        threads,
-        out_dir=out_dir,
-    )
 
 
 def _exit_with(parent_pid: int, every: float = 1.0) -> None:
@@ -171,7 +142,7 @@ def _worker_main(
         job = conn.recv()
         if job is None:
             return
-        conn.send(_train_and_report(run_root, job, cfg, device, threads))
+        conn.send(_run_and_report(run_root, job, cfg, device, threads))
 
 
 def _slots(workers: int, device: str) -> list[tuple[str, int | None]]:
@@ -190,23 +161,11 @@ def default_workers(device: str) -> int:
     return available_cores()
 
 
-def _describe(rec) -> str:
-    m = rec.metrics
-    if not isinstance(rec, SpecialistRecord):
-        return f"{rec.describe()}, {m['seconds']:.0f} s"
-    return (
-        f"specialist {rec.id:3d}: {len(rec.classes)} classes, in-group accuracy {m['in_group_acc']:.3f} "
-        f"(generalist {m['generalist_in_group_acc']:.3f}), {m['epochs_run']} epochs, {m['seconds']:.0f} s"
-    )
-
-
 class _Slot:
     """One local worker process bound to a device and a thread count."""
 
-    def __init__(
-        self, ctx, run: RunDir, cfg: SpecialistConfig, device: str, threads: int | None
-    ) -> None:
-        self.args = (str(run.root), asdict(cfg), device, threads)
+    def __init__(self, ctx, run: RunDir, cfg: Any, device: str, threads: int | None) -> None:
+        self.args = (str(run.root), cfg, device, threads)
         self.ctx, self.proc, self.conn, self.job = ctx, None, None, None
 
     def start_job(self, job: Job) -> None:
@@ -239,19 +198,19 @@ class _Slot:
 
 
 def run_local(
-    run: RunDir, jobs: list[Job], cfg: SpecialistConfig, workers: int, device: str, progress: bool
+    run: RunDir, jobs: list[Job], *, cfg: Any, workers: int, device: str, progress: bool
 ) -> list[JobResult]:
     ctx = mp.get_context("spawn")
     slots = [_Slot(ctx, run, cfg, dev, threads) for dev, threads in _slots(workers, device)]
     queue = list(jobs)
     results: list[JobResult] = []
-    bar = tqdm(total=len(jobs), desc="specialists", unit="job", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress)
     try:
         while queue or any(s.job for s in slots):
             for slot in slots:
                 if slot.job is None and queue:
                     job = queue.pop(0)
-                    _paths(run, job)[2].unlink(missing_ok=True)
+                    run.artifact(job.out, job.id).error.unlink(missing_ok=True)
                     slot.start_job(job)
             busy = {s.conn: s for s in slots if s.job is not None}
             busy.update({s.proc.sentinel: s for s in slots if s.job is not None})
@@ -261,15 +220,11 @@ def run_local(
                     continue  # both its pipe and its sentinel fired
                 job, code = slot.finish()
                 results.append(_collect(run, job, code))
-                if results[-1].ok:
-                    manifest.register(run.root, *_paths(run, job)[:2])
-                bar.update(1)
                 r = results[-1]
-                bar.write(
-                    _describe(r.record)
-                    if r.ok
-                    else f"specialist {job.spec_id:3d}: FAILED: {r.error}"
-                )
+                if r.ok:
+                    manifest.register(run.root, *run.artifact(job.out, job.id)[:2])
+                bar.update(1)
+                bar.write(r.record.describe() if r.ok else f"{job.name}: FAILED: {r.error}")
     except KeyboardInterrupt:
         for slot in slots:
             slot.stop(kill=True)
@@ -282,9 +237,9 @@ def run_local(
 
 
 def _collect(run: RunDir, job: Job, exitcode: int | None) -> JobResult:
-    rec_path, _, err_path = _paths(run, job)
+    rec_path, _, err_path = run.artifact(job.out, job.id)
     if exitcode == 0 and rec_path.is_file():
-        return JobResult(job, True, _record_type(job).from_dict(load_json(rec_path), rec_path))
+        return JobResult(job, True, job.record_type.from_dict(load_json(rec_path), rec_path))
     if err_path.is_file():
         return JobResult(job, False, error=load_json(err_path).get("error", "failed"))
     if exitcode is not None and exitcode < 0:
@@ -294,14 +249,15 @@ def _collect(run: RunDir, job: Job, exitcode: int | None) -> JobResult:
     return JobResult(job, False, error=f"worker exited with status {exitcode}")
 
 
-def _ray_job(run_root: str, job: Job, cfg: dict, device: str, threads: int | None) -> dict:
-    return _run_job(run_root, job, cfg, device, threads).to_dict()
+def _ray_job(run_root: str, job: Job, cfg: Any, device: str, threads: int | None) -> dict:
+    return job.task(run_root, job, cfg, device=device, threads=threads).to_dict()
 
 
 def run_ray(
     run: RunDir,
     jobs: list[Job],
-    cfg: SpecialistConfig,
+    *,
+    cfg: Any,
     address: str | None,
     cpus_per_job: int,
     gpus_per_job: float,
@@ -329,26 +285,25 @@ def run_ray(
         retry_exceptions=False,
     )(_ray_job)
     refs = {
-        remote.remote(str(run.root.resolve()), job, asdict(cfg), device, cpus_per_job): job
-        for job in jobs
+        remote.remote(str(run.root.resolve()), job, cfg, device, cpus_per_job): job for job in jobs
     }
     results: list[JobResult] = []
-    bar = tqdm(total=len(jobs), desc="specialists (ray)", unit="job", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="jobs (ray)", unit="job", disable=not progress)
     while refs:
         done, _ = ray.wait(list(refs), num_returns=1)
         job = refs.pop(done[0])
         try:
-            rec = _record_type(job).from_dict(ray.get(done[0]))
+            rec = job.record_type.from_dict(ray.get(done[0]))
             results.append(JobResult(job, True, rec))
-            manifest.register(run.root, *_paths(run, job)[:2])
-            bar.write(_describe(rec))
+            manifest.register(run.root, *run.artifact(job.out, job.id)[:2])
+            bar.write(rec.describe())
         except Exception as e:  # RayTaskError wraps the job's own exception
             cause = getattr(e, "cause", None) or e
             message = (
                 str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
             )
             results.append(JobResult(job, False, error=message))
-            bar.write(f"specialist {job.spec_id:3d}: FAILED: {message}")
+            bar.write(f"{job.name}: FAILED: {message}")
         bar.update(1)
     bar.close()
     return results
@@ -357,7 +312,8 @@ def run_ray(
 def run_jobs(
     run: RunDir,
     jobs: list[Job],
-    cfg: SpecialistConfig,
+    *,
+    cfg: Any,
     generalist_sha: str,
     backend: str = "local",
     workers: int | None = None,
@@ -365,26 +321,38 @@ def run_jobs(
     ray_address: str | None = None,
     progress: bool = True,
 ) -> list[JobResult]:
-    """Train what is missing among ``jobs``; return one result per job (skipped ones included)."""
+    """Run what is missing among ``jobs`` with the shared configuration ``cfg``; return one
+    result per job (skipped ones included), in the order of ``jobs``."""
     todo, done = pending_jobs(run, jobs, generalist_sha, cfg)
     for r in done:
-        log.info("specialist %3d: up to date, skipped", r.job.spec_id)
+        log.info("%s: up to date, skipped", r.job.name)
     if not todo:
         return done
     start = time.perf_counter()
     if backend == "local":
         n = workers or default_workers(device)
-        log.info("training %d specialist(s) with %d local worker(s)", len(todo), n)
-        results = run_local(run, todo, cfg, min(n, len(todo)), device, progress)
+        log.info("running %d job(s) with %d local worker(s)", len(todo), n)
+        results = run_local(
+            run, todo, cfg=cfg, workers=min(n, len(todo)), device=device, progress=progress
+        )
     elif backend == "ray":
         cpus = 1 if workers is None else max(1, available_cores() // workers)
         gpus = 1.0 if (device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
-        results = run_ray(run, todo, cfg, ray_address, cpus, gpus, progress)
+        results = run_ray(
+            run,
+            todo,
+            cfg=cfg,
+            address=ray_address,
+            cpus_per_job=cpus,
+            gpus_per_job=gpus,
+            progress=progress,
+        )
     else:
         raise SpecialistsError(f"unknown backend {backend!r}; expected local or ray")
     log.info(
-        "trained %d specialist(s) in %.0f s",
+        "finished %d job(s) in %.0f s",
         sum(r.ok for r in results),
         time.perf_counter() - start,
     )
-    return sorted(done + results, key=lambda r: r.job.spec_id)
+    order = {id(job): i for i, job in enumerate(jobs)}
+    return sorted(done + results, key=lambda r: order[id(r.job)])

@@ -13,8 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specialists.errors import SpecialistsError
-
-from .transforms import BatchTransform
+from specialists.transforms import BatchTransform
 
 __all__ = [
     "autocast_for",
@@ -84,6 +83,7 @@ def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], object], 
 def train_one_epoch(
     model: nn.Module,
     images: torch.Tensor,
+    *,
     batches: Iterable[np.ndarray],
     targets: Callable[[np.ndarray], torch.Tensor],
     transform: BatchTransform,
@@ -146,6 +146,7 @@ def train_one_epoch(
 def predict_proba(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
+    *,
     transform: BatchTransform,
     device: torch.device,
     batch_size: int = 512,

@@ -6,50 +6,31 @@ import logging
 from pathlib import Path
 
 from specialists import manifest
+from specialists.artifacts import generalist_record, load_groups
+from specialists.calibrate import calibrate_run
 from specialists.config import write_config
+from specialists.data import DataSource
 from specialists.errors import SpecialistsError
-from specialists.io import load_json
+from specialists.evaluate import evaluate_run
+from specialists.grouping import cluster_run, summarize_clusters
 from specialists.run import RunDir
+from specialists.sources import load_data
+from specialists.storage import load_json
 
-from .data import DataSpec, load_data
-from .generalist import GeneralistConfig
-from .launch import Job, JobResult, run_jobs
-from .specialist import SpecialistConfig, cache_data
+from ._job import cache_data
+from .generalist import GeneralistConfig, train_generalist
+from .launch import JobResult, run_jobs
+from .specialist import SpecialistConfig, specialist_job
 
-__all__ = ["load_groups", "run_demo", "train_specialists"]
+__all__ = ["DEMO_GENERALIST", "DEMO_SPECIALISTS", "run_demo", "train_specialists"]
 
 log = logging.getLogger(__name__)
-
-
-def load_groups(clusters: Path, n_classes: int) -> list[list[int]]:
-    """The groups of a ``clusters.json``, validated against the generalist's class count."""
-    clusters = Path(clusters)
-    if not clusters.is_file():
-        raise SpecialistsError(
-            f"{clusters}: no clusters in this run (run `specialists cluster {clusters.parent}` first)"
-        )
-    data = load_json(clusters)
-    groups = data.get("groups") if isinstance(data, dict) else None
-    if not isinstance(groups, list) or not groups:
-        raise SpecialistsError(f"{clusters}: no groups")
-    out = []
-    for i, g in enumerate(groups):
-        classes = g.get("classes") if isinstance(g, dict) else g
-        if (
-            not isinstance(classes, list)
-            or not classes
-            or not all(isinstance(c, int) and 0 <= c < n_classes for c in classes)
-        ):
-            raise SpecialistsError(
-                f"{clusters}: group {i} is not a list of class indices below {n_classes}"
-            )
-        out.append(sorted(classes))
-    return out
 
 
 def train_specialists(
     run_dir: str | Path,
     cfg: SpecialistConfig | None = None,
+    *,
     workers: int | None = None,
     backend: str = "local",
     only: list[int] | None = None,
@@ -65,7 +46,7 @@ def train_specialists(
     cfg = cfg or SpecialistConfig()
     run = RunDir.of(run_dir)
     run.require_generalist()
-    grec = run.generalist()
+    grec = generalist_record(run)
     manifest.verify(run.root, run.clusters)
     groups = load_groups(run.clusters, grec.n_classes)
     ids = range(len(groups)) if only is None else only
@@ -74,19 +55,25 @@ def train_specialists(
         raise SpecialistsError(
             f"--only {bad[0]}: no such group (the run has groups 0..{len(groups) - 1})"
         )
-    jobs = [Job(i, tuple(groups[i])) for i in ids]
-    if not (run.root / "cache" / "val_labels.npy").is_file():
+    jobs = [specialist_job(i, groups[i], grec.weights_sha256) for i in ids]
+    if not run.cache_labels("val").is_file():
         log.info("caching the data arrays for the workers")
-        cache_data(run, load_data(DataSpec.from_dict(grec.data)))
-    write_config(run.root / "specialists.yaml", cfg)
+        cache_data(run, load_data(DataSource.from_dict(grec.data)))
+    write_config(run.specialists_config, cfg)
     results = run_jobs(
-        run, jobs, cfg, grec.weights_sha256, backend, workers, device, ray_address, progress
+        run,
+        jobs,
+        cfg=cfg,
+        generalist_sha=grec.weights_sha256,
+        backend=backend,
+        workers=workers,
+        device=device,
+        ray_address=ray_address,
+        progress=progress,
     )
-    complete = all((run.specialists_dir / f"{i:03d}.json").is_file() for i in range(len(groups)))
+    complete = all(run.specialist(i).record.is_file() for i in range(len(groups)))
     trained = any(not r.skipped for r in results)
-    from specialists.calibrate import COMBINATION_FILE, calibrate_run
-
-    stale = trained or not (run.root / COMBINATION_FILE).is_file()
+    stale = trained or not run.combination.is_file()
     if calibrate and complete and stale and all(r.ok for r in results):
         calibrate_run(run.root, device, progress=progress)
     return results
@@ -97,18 +84,15 @@ DEMO_GENERALIST = GeneralistConfig(data="embedded:n_classes=40,n_groups=8", epoc
 DEMO_SPECIALISTS = SpecialistConfig()
 
 
-def run_demo(out: str | Path, workers: int | None = None, progress: bool = True, say=print) -> dict:
+def run_demo(
+    out: str | Path, *, workers: int | None = None, progress: bool = True, say=print
+) -> dict:
     """generalist -> clusters -> specialists (in parallel) -> evaluation, each step skipped when
     its output is already complete (so an interrupted demo resumes)."""
-    from specialists.evaluate import evaluate_run
-    from specialists.grouping import cluster_run, summarize_clusters
-
-    from .generalist import train_generalist
-
     run = RunDir.of(out)
     say(f"[1/4] generalist ({DEMO_GENERALIST.model} on {DEMO_GENERALIST.data})")
     if run.generalist_record.is_file():
-        grec = run.generalist()
+        grec = generalist_record(run)
         say("      already trained")
     else:
         grec = train_generalist(DEMO_GENERALIST, run.root, progress=progress)
@@ -124,7 +108,7 @@ def run_demo(out: str | Path, workers: int | None = None, progress: bool = True,
     failed = [r for r in results if not r.ok]
     if failed:
         raise SpecialistsError(
-            f"specialist {failed[0].job.spec_id} failed: {failed[0].error} (rerun the demo to retry)"
+            f"specialist {failed[0].job.id} failed: {failed[0].error} (rerun the demo to retry)"
         )
     say("[4/4] evaluation on the test split")
     return evaluate_run(run.root)

@@ -2,14 +2,13 @@
 
 ``train_specialist`` is one independent job: it reads paths (the run's generalist, the cached data
 arrays) and writes its own artifact (weights, then the JSON record that marks it complete) into
-``RUN/specialists/``. The launchers run many of these in parallel.
+``RUN/specialists/``. ``specialist_job`` describes it to the launcher, which runs many in parallel.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,24 +18,24 @@ import torch.nn.functional as F
 from timm.models import group_parameters
 from torch import nn
 
+from specialists.dustbin import build_specialist, group_hash, prior_offsets, project_to_group
 from specialists.errors import SpecialistsError
-from specialists.io import file_sha256, load_npy, save_json, save_npy, save_tensors
-from specialists.models import get_classifier, resolve_device, set_cpu_threads
-from specialists.run import RunDir
-from specialists.specialist import (
-    SpecialistRecord,
-    build_specialist,
-    group_hash,
-    prior_offsets,
-    project_to_group,
-)
+from specialists.models import get_classifier
+from specialists.records import SpecialistRecord
+from specialists.storage import load_npy
 
 from ._faults import maybe_die
-from .data import DataBundle
-from .generalist import load_generalist, make_transforms
+from ._job import save_artifact, start_job
+from .launch import Job
 from .loop import build_optimizer, cosine_with_warmup, predict_proba, train_one_epoch
 
-__all__ = ["EnrichedBatchSampler", "SpecialistConfig", "cache_data", "train_specialist"]
+__all__ = [
+    "EnrichedBatchSampler",
+    "SpecialistConfig",
+    "specialist_job",
+    "specialist_task",
+    "train_specialist",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +55,19 @@ class SpecialistConfig:
     min_steps_per_epoch: int = 25
     # Stop after `patience` epochs without a better validation score. Off by default: stopping
     # while the cosine schedule's learning rate is still high leaves the specialist unsettled
-    # (measured on Fashion-MNIST: below the generalist inside its group); the best epoch is kept.
+    # (docs/results.md); the best epoch is kept either way.
     patience: int | None = None
     batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
-    soft_weight: float = (
-        0.0  # weight a of the generalist's soft targets (DESIGN §1b: off by default)
-    )
+    # weight a of the generalist's soft targets; off by default, like the random head below
+    # (docs/design.md, "Findings that set the defaults")
+    soft_weight: float = 0.0
     temperature: float = 3.0
     trainable: str = "all"  # all | last (the last stage and the head) | head
-    head_init: str = "random"  # random | copy (DESIGN §1b and the demo measured random ahead)
+    head_init: str = "random"  # random | copy
     correction: str = "gated"  # gated | natural | none
     seed: int = 0
     amp: str = "auto"
@@ -142,25 +141,6 @@ class EnrichedBatchSampler:
         return self.lut[dataset_labels]
 
 
-def cache_data(run: RunDir, bundle: DataBundle) -> None:
-    """Write the train and val arrays once, so parallel jobs memory-map them instead of reloading."""
-    cache = run.root / "cache"
-    for split in ("train", "val"):
-        s = bundle.split(split)
-        if not (cache / f"{split}_labels.npy").is_file():
-            save_npy(cache / f"{split}_images.npy", s.images)
-            save_npy(
-                cache / f"{split}_labels.npy", s.labels
-            )  # labels last: marks the split complete
-
-
-def _load_cached(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray]:
-    cache = run.root / "cache"
-    labels = load_npy(cache / f"{split}_labels.npy")
-    images = np.load(cache / f"{split}_images.npy", mmap_mode="r", allow_pickle=False)
-    return images, labels
-
-
 def _set_trainable(model: nn.Module, trainable: str) -> None:
     """all: everything; head: the classifier only; last: the last stage group and the head."""
     if trainable == "all":
@@ -176,50 +156,77 @@ def _set_trainable(model: nn.Module, trainable: str) -> None:
         p.requires_grad_(id(p) in keep)
 
 
+def specialist_job(
+    index: int, classes: list[int], generalist_sha256: str, out: str = "specialists"
+) -> Job:
+    """The launcher's job that trains specialist ``index`` for ``classes`` into ``RUN/<out>/``; an
+    artifact already there counts as done when it is for the same group of the same generalist."""
+    classes = sorted(int(c) for c in classes)
+    return Job(
+        index,
+        out,
+        specialist_task,
+        SpecialistRecord,
+        inputs={"classes": classes},
+        identity={"group_hash": group_hash(classes, generalist_sha256)},
+    )
+
+
+def specialist_task(
+    run_root: str, job: Job, cfg: SpecialistConfig, *, device: str, threads: int | None
+) -> SpecialistRecord:
+    """A specialist job, as the launcher runs it."""
+    return train_specialist(
+        run_root,
+        job.id,
+        job.inputs["classes"],
+        cfg,
+        device=device,
+        threads=threads,
+        out=job.out,
+    )
+
+
 def train_specialist(
     run_dir: str | Path,
-    spec_id: int,
+    index: int,
     classes: list[int],
     cfg: SpecialistConfig,
+    *,
     device: str = "auto",
     threads: int | None = None,
     progress: bool = False,
-    out_dir: str | Path | None = None,
+    out: str = "specialists",
 ) -> SpecialistRecord:
-    """Train specialist ``spec_id`` for ``classes`` and write ``NNN.{safetensors,json}`` into
-    ``out_dir`` (default ``RUN/specialists``)."""
-    t0 = time.perf_counter()
-    run = RunDir.of(run_dir)
-    dev = resolve_device(device)
-    if dev.type == "cpu":
-        set_cpu_threads(threads)
-    generalist, grec = load_generalist(run.root, dev)
+    """Train specialist ``index`` for ``classes`` and write its weights and record into
+    ``RUN/<out>/`` (default the run's own specialists)."""
+    ctx = start_job(run_dir, device=device, threads=threads)
+    run, dev, generalist, grec = ctx.run, ctx.device, ctx.generalist, ctx.record
     classes = sorted(int(c) for c in classes)
     if not classes or min(classes) < 0 or max(classes) >= grec.n_classes:
         raise SpecialistsError(
-            f"specialist {spec_id}: classes out of range for {grec.n_classes} classes"
+            f"specialist {index}: classes out of range for {grec.n_classes} classes"
         )
-    train_images, train_labels = _load_cached(run, "train")
-    val_images, val_labels = _load_cached(run, "val")
-    train_tf, eval_tf = make_transforms(grec)
-    train_tf.augment = True
+    train_images, train_labels = ctx.train_images, ctx.train_labels
+    val_images, val_labels = ctx.val_images, ctx.val_labels
+    train_tf, eval_tf = ctx.train_transform, ctx.eval_transform
     images_t = torch.from_numpy(np.array(train_images))  # a private in-memory copy of the map
 
-    torch.manual_seed(cfg.seed + spec_id)
+    torch.manual_seed(cfg.seed + index)
     sampler = EnrichedBatchSampler(
         train_labels,
         classes,
         grec.n_classes,
         cfg.batch_size,
         cfg.enrich_fraction,
-        seed=cfg.seed + 1000 * spec_id,
+        seed=cfg.seed + 1000 * index,
     )
-    rng = np.random.default_rng([cfg.seed, spec_id, 1])
+    rng = np.random.default_rng([cfg.seed, index, 1])
     sample_idx = rng.choice(len(train_labels), size=min(512, len(train_labels)), replace=False)
     sample = eval_tf(images_t[torch.from_numpy(np.sort(sample_idx))].to(dev))
-    model = build_specialist(
-        generalist, classes, sample, cfg.head_init, seed=cfg.seed + spec_id
-    ).to(dev)
+    model = build_specialist(generalist, classes, sample, cfg.head_init, seed=cfg.seed + index).to(
+        dev
+    )
     _set_trainable(model, cfg.trainable)
 
     examples = cfg.examples_per_epoch or max(
@@ -257,7 +264,7 @@ def train_specialist(
     val_x = torch.from_numpy(np.array(val_images[val_idx]))
 
     def validate() -> tuple[float, np.ndarray]:
-        p = predict_proba(model, val_x, eval_tf, dev, 512, cfg.amp)
+        p = predict_proba(model, val_x, transform=eval_tf, device=dev, batch_size=512, amp=cfg.amp)
         pred = p.argmax(1)
         acc_in = float((pred[: len(val_in)] == val_local[val_in]).mean()) if len(val_in) else 0.0
         acc_out = float((pred[len(val_in) :] == len(classes)).mean()) if len(val_out) else 1.0
@@ -265,7 +272,7 @@ def train_specialist(
 
     history: list[dict] = []
     best_score, best_epoch, best_state = -1.0, 0, None
-    gen = torch.Generator().manual_seed(cfg.seed + spec_id)
+    gen = torch.Generator().manual_seed(cfg.seed + index)
     seen = 0
     for epoch in range(cfg.epochs):
         if cfg.patience is not None and best_epoch and epoch - best_epoch >= cfg.patience:
@@ -273,19 +280,19 @@ def train_specialist(
         stats = train_one_epoch(
             model,
             images_t,
-            sampler.batches(examples),
-            lambda idx: local_labels[torch.from_numpy(idx)],
-            train_tf,
-            optimizer,
-            scheduler,
-            loss_fn,
-            dev,
-            cfg.amp,
-            gen,
-            desc=f"specialist {spec_id} epoch {epoch + 1}",
+            batches=sampler.batches(examples),
+            targets=lambda idx: local_labels[torch.from_numpy(idx)],
+            transform=train_tf,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            device=dev,
+            amp=cfg.amp,
+            generator=gen,
+            desc=f"specialist {index} epoch {epoch + 1}",
             progress=progress,
         )
-        maybe_die("specialist", spec_id, epoch + 1)
+        maybe_die("specialist", index, epoch + 1)
         seen += steps * cfg.batch_size
         score, _ = validate()
         history.append(
@@ -320,34 +327,30 @@ def train_specialist(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "examples_seen": seen,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": ctx.seconds(),
         "n_group_train": int(len(sampler.inside)),
         "n_group_val": int(len(val_in)),
     }
 
-    spec_dir = Path(out_dir) if out_dir is not None else run.specialists_dir
-    weights = spec_dir / f"{spec_id:03d}.safetensors"
-    save_tensors(
-        weights, model.state_dict(), {"architecture": grec.architecture, "classes": len(classes)}
+    return save_artifact(
+        run.artifact(out, index),
+        model,
+        metadata={"architecture": grec.architecture, "classes": len(classes)},
+        make_record=lambda weights_sha256: SpecialistRecord(
+            id=index,
+            classes=classes,
+            class_names=[grec.class_names[c] for c in classes],
+            group_hash=group_hash(classes, grec.weights_sha256),
+            generalist_sha256=grec.weights_sha256,
+            architecture=grec.architecture,
+            train_fraction=cfg.enrich_fraction,
+            natural_prior=natural,
+            gated_prior=gated,
+            correction=cfg.correction,
+            logit_offset=[float(v) for v in offsets],
+            metrics=metrics,
+            history=history,
+            config=asdict(cfg),
+            weights_sha256=weights_sha256,
+        ),
     )
-    record = SpecialistRecord(
-        id=spec_id,
-        classes=classes,
-        class_names=[grec.class_names[c] for c in classes],
-        group_hash=group_hash(classes, grec.weights_sha256),
-        generalist_sha256=grec.weights_sha256,
-        architecture=grec.architecture,
-        train_fraction=cfg.enrich_fraction,
-        natural_prior=natural,
-        gated_prior=gated,
-        correction=cfg.correction,
-        logit_offset=[float(v) for v in offsets],
-        metrics=metrics,
-        history=history,
-        config=asdict(cfg),
-        weights_sha256=file_sha256(weights),
-    )
-    save_json(
-        spec_dir / f"{spec_id:03d}.json", record.to_dict()
-    )  # last: marks the specialist complete
-    return record

@@ -1,4 +1,4 @@
-"""The model side of a specialist: its head with a dustbin class, its prior correction, its record.
+"""The model side of a specialist: its head with a dustbin class and its prior correction.
 
 A specialist for a group S has the generalist's architecture and weights and a new head of
 |S| + 1 outputs: the classes of S (in sorted order) and a dustbin that stands for every class
@@ -11,8 +11,6 @@ import copy
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,10 +18,8 @@ from torch import nn
 
 from .errors import SpecialistsError
 from .models import get_classifier
-from .records import SCHEMA_VERSION, record_from_dict
 
 __all__ = [
-    "SpecialistRecord",
     "build_specialist",
     "group_hash",
     "prior_offsets",
@@ -75,7 +71,8 @@ def build_specialist(
     distribution over S (renormalised) is exactly the generalist's; the dustbin row is the least-
     squares fit, on the pre-logit features of ``sample`` (transformed inputs), of the log of the
     generalist's summed probability outside S, so its initial dustbin probability approximates
-    the generalist's mass outside S. ``"random"`` keeps a fresh head (DESIGN §1b found it can win).
+    the generalist's mass outside S. ``"random"`` keeps a fresh head (the default; see docs/design.md,
+    "Findings that set the defaults").
     """
     if head_init not in ("copy", "random"):
         raise SpecialistsError(f"head_init must be copy or random, got {head_init!r}")
@@ -108,38 +105,3 @@ def build_specialist(
     new.weight[-1] = coef[:-1].to(new.weight.dtype)
     new.bias[-1] = coef[-1].to(new.bias.dtype)
     return model
-
-
-@dataclass(frozen=True)
-class SpecialistRecord:
-    """Everything needed to rebuild, trust and apply one trained specialist."""
-
-    id: int
-    classes: list[int]
-    class_names: list[str]
-    group_hash: str
-    generalist_sha256: str
-    architecture: str
-    train_fraction: float  # share of each batch drawn from S
-    natural_prior: float  # share of S in the training data
-    gated_prior: float  # share of S among validation inputs whose generalist top-1 is in S
-    correction: str  # natural | gated | none
-    logit_offset: list[float]  # added to the specialist's logits at inference (|S| + 1)
-    metrics: dict
-    history: list[dict]
-    config: dict
-    weights_sha256: str
-    schema_version: int = SCHEMA_VERSION
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path = "specialist record") -> SpecialistRecord:
-        rec = record_from_dict(cls, d, source)
-        if len(rec.logit_offset) != len(rec.classes) + 1:
-            raise SpecialistsError(
-                f"{source}: logit_offset has {len(rec.logit_offset)} entries for {len(rec.classes)} classes + dustbin"
-            )
-        return rec

@@ -1,8 +1,4 @@
-"""Data sources behind one small interface.
-
-A source is named by a spec string and resolves to a :class:`DataBundle`: train/val/test splits
-held in memory as uint8 arrays (N, H, W, C), class names, and the known coarse groups where the
-data has them. Sources:
+"""The data sources, one registry entry each, and the parser of ``--data`` strings.
 
 - ``embedded`` (default) or ``embedded:n_classes=40,n_groups=8,...``: the procedural dataset;
 - ``folder:PATH`` or just ``PATH``: an ``ImageFolder`` tree with ``train/``, ``test/`` and an
@@ -11,6 +7,8 @@ data has them. Sources:
   (never downloaded); CIFAR-100's 20 superclasses are its coarse groups;
 - ``omniglot:DIR`` (the npz release; alphabets are the coarse groups) and ``fashion-mnist:DIR``
   (the four IDX files).
+
+A new source is one function ``DataSource -> DataBundle`` and one entry in ``SOURCES``.
 """
 
 from __future__ import annotations
@@ -18,17 +16,16 @@ from __future__ import annotations
 import gzip
 import logging
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from specialists.errors import SpecialistsError
-from specialists.imageio import read_images
+from .data import ArraySplit, DataBundle, DataSource, carve_val
+from .embedded import SyntheticConfig, generate_split, group_of_classes, synthetic_class_names
+from .errors import SpecialistsError
+from .image_files import read_images
 
-from .synthetic import SyntheticConfig, generate_split, group_of_classes, synthetic_class_names
-
-__all__ = ["ArraySplit", "DataBundle", "DataSpec", "load_data", "parse_data_spec"]
+__all__ = ["SOURCES", "load_data", "parse_source", "read_idx"]
 
 log = logging.getLogger(__name__)
 
@@ -44,37 +41,11 @@ IMAGE_EXTENSIONS = {
     ".ppm",
     ".pgm",
 }
-KINDS = ("embedded", "folder", "cifar10", "cifar100", "mnist", "omniglot", "fashion-mnist")
 
 
-@dataclass(frozen=True)
-class DataSpec:
-    """Where the data comes from, JSON-serialisable so a run can reload exactly the same data."""
-
-    kind: str = "embedded"
-    path: str | None = None
-    options: dict = field(default_factory=dict)
-    seed: int = 0
-    val_fraction: float = 0.1
-    image_size: int | None = None  # folder sources: size images are decoded to (default 64)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataSpec:
-        return cls(**d)
-
-    def describe(self) -> str:
-        if self.kind == "embedded":
-            opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-            return "embedded" + (f":{opts}" if opts else "")
-        return f"{self.kind}:{self.path}"
-
-
-def parse_data_spec(
+def parse_source(
     text: str, seed: int = 0, val_fraction: float = 0.1, image_size: int | None = None
-) -> DataSpec:
+) -> DataSource:
     """Parse ``embedded[:k=v,...]``, ``KIND:PATH`` or a bare folder path."""
     text = text.strip()
     kind, sep, rest = text.partition(":")
@@ -96,115 +67,31 @@ def parse_data_spec(
                     options[key] = float(value) if "." in value else int(value)
                 except ValueError as e:
                     raise SpecialistsError(f"--data {text}: {key}={value!r} is not a number") from e
-        return DataSpec("embedded", None, options, seed, val_fraction, image_size)
-    if sep and kind in KINDS:
-        return DataSpec(kind, str(Path(rest).expanduser()), {}, seed, val_fraction, image_size)
+        return DataSource("embedded", None, options, seed, val_fraction, image_size)
+    if sep and kind in SOURCES:
+        return DataSource(kind, str(Path(rest).expanduser()), {}, seed, val_fraction, image_size)
     if sep and re.fullmatch(r"[a-z0-9-]+", kind) and not Path(text).exists():
         raise SpecialistsError(
-            f"--data {text}: unknown source kind {kind!r}; known: {', '.join(KINDS)}"
+            f"--data {text}: unknown source kind {kind!r}; known: {', '.join(SOURCES)}"
         )
-    return DataSpec("folder", str(Path(text).expanduser()), {}, seed, val_fraction, image_size)
+    return DataSource("folder", str(Path(text).expanduser()), {}, seed, val_fraction, image_size)
 
 
-@dataclass
-class ArraySplit:
-    """One split in memory: ``images`` (N, H, W, C) uint8 and ``labels`` (N,) int64."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> ArraySplit:
-        return ArraySplit(self.images[index], self.labels[index])
-
-
-@dataclass
-class DataBundle:
-    spec: DataSpec
-    train: ArraySplit
-    val: ArraySplit
-    test: ArraySplit
-    class_names: list[str]
-    coarse: np.ndarray | None = None  # (K,) coarse group id of every class, when known
-    coarse_names: list[str] | None = None
-    hflip: bool = False  # whether a horizontal flip preserves the class
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def channels(self) -> int:
-        return int(self.train.images.shape[-1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train.images.shape[1])
-
-    def split(self, name: str) -> ArraySplit:
-        if name not in ("train", "val", "test"):
-            raise SpecialistsError(f"unknown split {name!r}; expected train, val or test")
-        return getattr(self, name)
-
-    def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the training images in [0, 1] (a seeded sample)."""
-        imgs = self.train.images
-        rng = np.random.default_rng(0)
-        sample = imgs[rng.choice(len(imgs), size=min(len(imgs), 5000), replace=False)]
-        x = sample.reshape(-1, imgs.shape[-1]).astype(np.float64) / 255.0
-        std = np.maximum(x.std(0), 1e-3)
-        return x.mean(0).round(6).tolist(), std.round(6).tolist()
-
-
-def stratified_split(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, carved): ``fraction`` of every class carved out, at least one per class
-    when the class has two or more examples."""
-    rng = np.random.default_rng([seed, 4242])
-    keep, carved = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n = int(round(fraction * len(idx)))
-        n = min(max(n, 1 if len(idx) >= 2 else 0), len(idx) - 1) if fraction > 0 else 0
-        carved.append(idx[:n])
-        keep.append(idx[n:])
-    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(carved))
-
-
-def _carve_val(train: ArraySplit, spec: DataSpec) -> tuple[ArraySplit, ArraySplit]:
-    keep, val = stratified_split(train.labels, spec.val_fraction, spec.seed)
-    if len(val) == 0:
-        raise SpecialistsError(
-            f"{spec.describe()}: too few training images to carve a validation split"
-        )
-    return train.subset(keep), train.subset(val)
-
-
-def load_data(spec: DataSpec | str) -> DataBundle:
-    """Resolve a spec to a :class:`DataBundle`, with one clear error on bad input."""
-    if isinstance(spec, str):
-        spec = parse_data_spec(spec)
-    loader = {
-        "embedded": _load_embedded,
-        "folder": _load_folder,
-        "cifar10": _load_torchvision,
-        "cifar100": _load_torchvision,
-        "mnist": _load_torchvision,
-        "omniglot": _load_omniglot,
-        "fashion-mnist": _load_fashion_mnist,
-    }.get(spec.kind)
+def load_data(source: DataSource | str) -> DataBundle:
+    """Resolve a source to a :class:`DataBundle`, with one clear error on bad input."""
+    if isinstance(source, str):
+        source = parse_source(source)
+    loader = SOURCES.get(source.kind)
     if loader is None:
-        raise SpecialistsError(f"unknown data source kind {spec.kind!r}; known: {', '.join(KINDS)}")
-    if spec.kind != "embedded" and not Path(spec.path or "").exists():
-        raise SpecialistsError(f"{spec.path}: data path not found")
-    bundle = loader(spec)
+        raise SpecialistsError(
+            f"unknown data source kind {source.kind!r}; known: {', '.join(SOURCES)}"
+        )
+    if source.kind != "embedded" and not Path(source.path or "").exists():
+        raise SpecialistsError(f"{source.path}: data path not found")
+    bundle = loader(source)
     if bundle.n_classes < 2:
         raise SpecialistsError(
-            f"{spec.describe()}: needs at least 2 classes, found {bundle.n_classes}"
+            f"{source.describe()}: needs at least 2 classes, found {bundle.n_classes}"
         )
     return bundle
 
@@ -213,15 +100,15 @@ def load_data(spec: DataSpec | str) -> DataBundle:
 # embedded
 
 
-def _load_embedded(spec: DataSpec) -> DataBundle:
+def _load_embedded(source: DataSource) -> DataBundle:
     try:
-        cfg = SyntheticConfig(**spec.options, seed=spec.seed)
+        cfg = SyntheticConfig(**source.options, seed=source.seed)
     except (TypeError, ValueError) as e:
-        raise SpecialistsError(f"--data {spec.describe()}: {e}") from e
+        raise SpecialistsError(f"--data {source.describe()}: {e}") from e
     splits = {s: ArraySplit(*generate_split(cfg, s)) for s in ("train", "val", "test")}
     groups = group_of_classes(cfg)
     return DataBundle(
-        spec,
+        source,
         **splits,
         class_names=synthetic_class_names(cfg),
         coarse=groups.astype(np.int64),
@@ -252,8 +139,8 @@ def _list_class_images(split_dir: Path) -> tuple[dict[str, list[Path]], int]:
     return classes, skipped
 
 
-def _load_folder(spec: DataSpec) -> DataBundle:
-    root = Path(spec.path)
+def _load_folder(source: DataSource) -> DataBundle:
+    root = Path(source.path)
     if not root.is_dir():
         raise SpecialistsError(f"{root}: not a directory")
     train_dir = root / "train"
@@ -265,7 +152,7 @@ def _load_folder(spec: DataSpec) -> DataBundle:
         raise SpecialistsError(
             f"{root}: no test/ folder (expected train/<class>/<image> and test/<class>/<image>)"
         )
-    size = spec.image_size or 64
+    size = source.image_size or 64
     train_files, _ = _list_class_images(train_dir)
     skipped = 0
     if not train_files:
@@ -302,11 +189,11 @@ def _load_folder(spec: DataSpec) -> DataBundle:
     if (root / "val").is_dir():
         val = build(root / "val")
     else:
-        train, val = _carve_val(train, spec)
+        train, val = carve_val(train, source)
     if skipped:
         log.warning("%s: skipped %d non-image file(s)", root, skipped)
     return DataBundle(
-        spec, train, val, test, class_names, hflip=bool(spec.options.get("hflip", False))
+        source, train, val, test, class_names, hflip=bool(source.options.get("hflip", False))
     )
 
 
@@ -337,16 +224,16 @@ CIFAR100_COARSE = {
 }
 
 
-def _load_torchvision(spec: DataSpec) -> DataBundle:
+def _load_torchvision(source: DataSource) -> DataBundle:
     import torchvision.datasets as tvd
 
-    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[spec.kind]
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[source.kind]
     try:
-        train_ds = cls(spec.path, train=True, download=False)
-        test_ds = cls(spec.path, train=False, download=False)
+        train_ds = cls(source.path, train=True, download=False)
+        test_ds = cls(source.path, train=False, download=False)
     except RuntimeError as e:
         raise SpecialistsError(
-            f"{spec.path}: no {spec.kind} dataset here ({e}); it is never downloaded"
+            f"{source.path}: no {source.kind} dataset here ({e}); it is never downloaded"
         ) from e
 
     def arrays(ds) -> ArraySplit:
@@ -355,22 +242,22 @@ def _load_torchvision(spec: DataSpec) -> DataBundle:
             x = x[..., None]
         return ArraySplit(x.astype(np.uint8), np.asarray(ds.targets, dtype=np.int64))
 
-    train, val = _carve_val(arrays(train_ds), spec)
+    train, val = carve_val(arrays(train_ds), source)
     class_names = list(train_ds.classes)
     coarse = coarse_names = None
-    if spec.kind == "cifar100":
+    if source.kind == "cifar100":
         coarse_names = list(CIFAR100_COARSE)
         of = {fine: i for i, (_, fines) in enumerate(CIFAR100_COARSE.items()) for fine in fines}
         coarse = np.array([of[n] for n in class_names], dtype=np.int64)
     return DataBundle(
-        spec,
+        source,
         train,
         val,
         arrays(test_ds),
         class_names,
         coarse,
         coarse_names,
-        hflip=spec.kind != "mnist",
+        hflip=source.kind != "mnist",
     )
 
 
@@ -378,14 +265,14 @@ def _load_torchvision(spec: DataSpec) -> DataBundle:
 # Omniglot and Fashion-MNIST in the formats of the shared data folder
 
 
-def _load_omniglot(spec: DataSpec) -> DataBundle:
+def _load_omniglot(source: DataSource) -> DataBundle:
     """Omniglot background set at 28x28, ink white on black. Options: ``set`` (background or
     evaluation), ``n_train`` drawings per character (15; the other 5 are test), ``size`` (28)."""
     import torch
     import torch.nn.functional as F
 
-    root = Path(spec.path)
-    which = spec.options.get("set", "background")
+    root = Path(source.path)
+    which = source.options.get("set", "background")
     npz = root / f"images_{which}.npz"
     tsv = root / "alphabets.tsv"
     for f in (npz, tsv):
@@ -397,7 +284,7 @@ def _load_omniglot(spec: DataSpec) -> DataBundle:
     except (OSError, ValueError, KeyError) as e:
         raise SpecialistsError(f"{npz}: unreadable Omniglot archive ({e})") from e
     n_chars, n_draw = images.shape[:2]
-    size = int(spec.options.get("size", 28))
+    size = int(source.options.get("size", 28))
     ink = torch.from_numpy(~images).reshape(-1, 1, *images.shape[2:]).float()
     small = F.interpolate(ink, size=(size, size), mode="area")
     small = (
@@ -425,12 +312,12 @@ def _load_omniglot(spec: DataSpec) -> DataBundle:
             f"{alphabets[a]}/char{c - int(np.flatnonzero(alphabet_of == a)[0]) + 1:02d}"
         )
 
-    n_train = int(spec.options.get("n_train", 15))
+    n_train = int(source.options.get("n_train", 15))
     labels = np.repeat(np.arange(n_chars), n_draw).reshape(n_chars, n_draw)
     train = ArraySplit(small[:, :n_train].reshape(-1, size, size, 1), labels[:, :n_train].ravel())
     test = ArraySplit(small[:, n_train:].reshape(-1, size, size, 1), labels[:, n_train:].ravel())
-    train, val = _carve_val(train, spec)
-    return DataBundle(spec, train, val, test, class_names, alphabet_of, alphabets, hflip=False)
+    train, val = carve_val(train, source)
+    return DataBundle(source, train, val, test, class_names, alphabet_of, alphabets, hflip=False)
 
 
 FASHION_CLASSES = [
@@ -467,8 +354,8 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
-def _load_fashion_mnist(spec: DataSpec) -> DataBundle:
-    root = Path(spec.path)
+def _load_fashion_mnist(source: DataSource) -> DataBundle:
+    root = Path(source.path)
 
     def find(stem: str) -> Path:
         for name in (f"{stem}.gz", stem):
@@ -485,9 +372,21 @@ def _load_fashion_mnist(spec: DataSpec) -> DataBundle:
             raise SpecialistsError(f"{root}: {prefix} images and labels differ in length")
         return ArraySplit(x[..., None].copy(), y)
 
-    train, val = _carve_val(split("train"), spec)
+    train, val = carve_val(split("train"), source)
     coarse_names = ["tops", "trouser", "dress", "footwear", "bag"]
     coarse = np.array([0, 1, 0, 2, 0, 3, 0, 3, 4, 3], dtype=np.int64)
     return DataBundle(
-        spec, train, val, split("t10k"), list(FASHION_CLASSES), coarse, coarse_names, hflip=True
+        source, train, val, split("t10k"), list(FASHION_CLASSES), coarse, coarse_names, hflip=True
     )
+
+
+# The registry: a source kind and the function that loads it.
+SOURCES = {
+    "embedded": _load_embedded,
+    "folder": _load_folder,
+    "cifar10": _load_torchvision,
+    "cifar100": _load_torchvision,
+    "mnist": _load_torchvision,
+    "omniglot": _load_omniglot,
+    "fashion-mnist": _load_fashion_mnist,
+}

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BatchTransform"]
+from .records import GeneralistRecord
+
+__all__ = ["BatchTransform", "make_transforms"]
 
 
 class BatchTransform:
@@ -59,3 +61,11 @@ class BatchTransform:
         bi = torch.arange(b, device=x.device)[:, None, None, None]
         ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         return xp[bi, ci, rows, cols]
+
+
+def make_transforms(record: GeneralistRecord) -> tuple[BatchTransform, BatchTransform]:
+    """(train, eval) transforms of a generalist record."""
+    train = BatchTransform(
+        record.mean, record.std, record.input_size, augment=True, hflip=record.hflip
+    )
+    return train, BatchTransform(record.mean, record.std, record.input_size)

@@ -26,12 +26,7 @@ distinctions, while a specialist can spend all its capacity on one kind.
   ``stripe_contrast`` is the amplitude of the stripe texture, which every group carries: class
   defining in ``orient`` groups (1x) and ``freq`` groups (1.6x), a random distraction at 0.5x
   elsewhere. The constants were tuned so that no kind is trivial and none is hopeless for the
-  0.12M-parameter ``test_efficientnet``. Measured on the 40-class variant
-  (``n_classes=40,n_groups=8``) with ``detail=0.6``, generalist trained 40 epochs: 90.4% test
-  accuracy, every error inside the planted group, validation accuracy per kind from 74%
-  (count) to 99.6% (orient); specialists with the default options took the ensemble to 92.1%.
-  At ``detail=1.0`` the same generalist reaches 98.6% (little left for specialists), and the
-  100-class default reached 92.2% after 30 epochs at ``detail=1.0`` (ensemble 94.7%).
+  0.12M-parameter ``test_efficientnet`` (measurements in docs/results.md).
 - **Nuisance (per image).** Position, scale, stripe phase (and, where they do not define the
   class, stripe orientation and period), dot-ring rotation, brightness, a small per-channel
   colour gain, and uniform pixel noise of std ``noise``. Class parameters get a small jitter

@@ -1,4 +1,4 @@
-"""Atomic, pickle-free reading and writing of run artifacts.
+"""Atomic, pickle-free reading and writing of run artifacts: the project's one file writer.
 
 Every write goes to a temporary file in the destination's directory, is flushed to disk, then
 renamed over the destination, so a killed process leaves either the old file or the new one.
@@ -27,11 +27,13 @@ from .errors import SpecialistsError
 __all__ = [
     "atomic_path",
     "atomic_write_text",
+    "check_writable",
     "file_sha256",
     "load_json",
     "load_npy",
     "load_tensors",
     "save_json",
+    "save_figure",
     "save_npy",
     "save_tensors",
 ]
@@ -81,6 +83,12 @@ def _reason(e: OSError) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure(figure: Any, path: str | os.PathLike, dpi: int | None = None) -> None:
+    """Save a matplotlib figure as PNG."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:

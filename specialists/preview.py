@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from specialists.io import atomic_path
-
 from .data import DataBundle
+from .storage import atomic_path
+
+__all__ = ["save_sample_grid"]
 
 
 def save_sample_grid(
-    bundle: DataBundle, path: str | Path, n_classes: int = 20, per_class: int = 8, scale: int = 2
+    bundle: DataBundle, path: str | Path, *, n_classes: int = 20, per_class: int = 8, scale: int = 2
 ) -> None:
+    """Write a PNG of up to ``per_class`` training images of each of the first ``n_classes``."""
     from PIL import Image
 
     imgs, labels = bundle.train.images, bundle.train.labels

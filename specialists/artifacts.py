@@ -1,0 +1,106 @@
+"""Reading a run's artifacts back, each checked before it is trusted.
+
+``load_checked`` is the one check every loader makes: the record and its weights exist, both
+match the run's manifest, and the weights match the checksum in the record; each file is read
+once. The generalist, the groups and the specialists' records are read through here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from . import manifest
+from .errors import SpecialistsError
+from .models import create_model
+from .records import GeneralistRecord, Record
+from .run import RunDir
+from .storage import load_json, load_tensors
+
+__all__ = ["generalist_record", "load_checked", "load_generalist", "load_groups", "load_weights"]
+
+R = TypeVar("R", bound=Record)
+
+
+def load_checked(
+    run: RunDir, record: Path, weights: Path, record_type: type[R], *, missing: str
+) -> R:
+    """The record at ``record`` after checking it and ``weights`` against the run's manifest and
+    the weights against the record's checksum; ``missing`` completes the error for an absent file."""
+    for path in (record, weights):
+        if not path.is_file():
+            raise SpecialistsError(f"{path}: {missing}")
+    manifest.verify(run.root, record)
+    rec = record_type.from_dict(load_json(record), record)
+    if manifest.checked_sha256(run.root, weights) != rec.weights_sha256:
+        raise SpecialistsError(
+            f"{weights}: checksum does not match {record} (file changed or truncated)"
+        )
+    return rec
+
+
+def load_weights(model: nn.Module, weights: Path, what: str) -> nn.Module:
+    """Load safetensors ``weights`` into ``model``; a mismatch is one line saying ``what`` the
+    file should have held."""
+    try:
+        model.load_state_dict(load_tensors(weights))
+    except RuntimeError as e:
+        raise SpecialistsError(
+            f"{weights}: does not match {what} ({str(e).splitlines()[0]})"
+        ) from e
+    return model
+
+
+def generalist_record(run: RunDir) -> GeneralistRecord:
+    """The run's generalist record, checked against the manifest (the weights are not read)."""
+    run.require_generalist()
+    manifest.verify(run.root, run.generalist_record)
+    return GeneralistRecord.from_dict(load_json(run.generalist_record), run.generalist_record)
+
+
+def load_generalist(
+    run_dir: str | os.PathLike | RunDir, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, GeneralistRecord]:
+    """Rebuild a run's generalist from its record and safetensors weights (nothing unpickled)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.of(run_dir)
+    run.require_generalist()
+    record = load_checked(
+        run,
+        run.generalist_record,
+        run.generalist_weights,
+        GeneralistRecord,
+        missing="missing (retrain with `specialists generalist --force`)",
+    )
+    model = create_model(record.architecture, record.n_classes, record.in_chans, record.input_size)
+    load_weights(model, run.generalist_weights, record.architecture)
+    return model.to(device).eval(), record
+
+
+def load_groups(clusters: Path, n_classes: int) -> list[list[int]]:
+    """The groups of a ``clusters.json``, validated against the generalist's class count."""
+    clusters = Path(clusters)
+    if not clusters.is_file():
+        raise SpecialistsError(
+            f"{clusters}: no clusters in this run (run `specialists cluster {clusters.parent}` first)"
+        )
+    data = load_json(clusters)
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if not isinstance(groups, list) or not groups:
+        raise SpecialistsError(f"{clusters}: no groups")
+    out = []
+    for i, g in enumerate(groups):
+        classes = g.get("classes") if isinstance(g, dict) else g
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, int) and 0 <= c < n_classes for c in classes)
+        ):
+            raise SpecialistsError(
+                f"{clusters}: group {i} is not a list of class indices below {n_classes}"
+            )
+        out.append(sorted(classes))
+    return out

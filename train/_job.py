@@ -1,0 +1,109 @@
+"""What every training job shares: the data cache, the set-up from a run directory, the write-out.
+
+A job (a specialist, a control's fine-tuned copy) runs in a worker process that knows only the run
+directory: it memory-maps the data arrays cached there, rebuilds the generalist, and ends by
+writing its weights and then its record, which marks it complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from specialists.artifacts import load_generalist
+from specialists.data import DataBundle
+from specialists.models import resolve_device, set_cpu_threads
+from specialists.records import GeneralistRecord, Record
+from specialists.run import ArtifactPaths, RunDir
+from specialists.storage import file_sha256, load_npy, save_json, save_npy, save_tensors
+from specialists.transforms import BatchTransform, make_transforms
+
+__all__ = ["JobContext", "cache_data", "load_cached", "save_artifact", "start_job"]
+
+R = TypeVar("R", bound=Record)
+
+
+def cache_data(run: RunDir, bundle: DataBundle) -> None:
+    """Write the train and val arrays once, so parallel jobs memory-map them instead of reloading."""
+    for split in ("train", "val"):
+        s = bundle.split(split)
+        if not run.cache_labels(split).is_file():
+            save_npy(run.cache_images(split), s.images)
+            save_npy(run.cache_labels(split), s.labels)  # labels last: marks the split complete
+
+
+def load_cached(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images memory-mapped read-only, labels) of a cached split."""
+    labels = load_npy(run.cache_labels(split))
+    images = np.load(run.cache_images(split), mmap_mode="r", allow_pickle=False)
+    return images, labels
+
+
+@dataclass
+class JobContext:
+    """A job's view of its run: device, generalist, cached data and the generalist's transforms."""
+
+    run: RunDir
+    device: torch.device
+    generalist: nn.Module
+    record: GeneralistRecord
+    train_images: np.ndarray  # (N, H, W, C) uint8, memory-mapped
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    train_transform: BatchTransform
+    eval_transform: BatchTransform
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
+
+
+def start_job(
+    run_root: str | Path, *, device: str = "auto", threads: int | None = None
+) -> JobContext:
+    """Set a job up from its run directory (``threads``: CPU threads when on the CPU)."""
+    started = time.perf_counter()
+    run = RunDir.of(run_root)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        set_cpu_threads(threads)
+    generalist, record = load_generalist(run, dev)
+    train_images, train_labels = load_cached(run, "train")
+    val_images, val_labels = load_cached(run, "val")
+    train_tf, eval_tf = make_transforms(record)
+    return JobContext(
+        run,
+        dev,
+        generalist,
+        record,
+        train_images,
+        train_labels,
+        val_images,
+        val_labels,
+        train_tf,
+        eval_tf,
+        started,
+    )
+
+
+def save_artifact(
+    files: ArtifactPaths,
+    model: nn.Module,
+    *,
+    metadata: dict,
+    make_record: Callable[[str], R],
+) -> R:
+    """Write ``model``'s weights, then the record ``make_record(weights_sha256)`` that marks the
+    artifact complete; returns the record."""
+    save_tensors(files.weights, model.state_dict(), metadata)
+    record = make_record(file_sha256(files.weights))
+    save_json(files.record, record.to_dict())
+    return record
