@@ -26,7 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from specialists.calibrate import Combination, collect, score  # noqa: E402
+from specialists.artifacts import generalist_record  # noqa: E402
+from specialists.calibrate import collect, score  # noqa: E402
+from specialists.combination import Combination  # noqa: E402
 from specialists.data import DataSource  # noqa: E402
 from specialists.ensemble import Ensemble  # noqa: E402
 from specialists.evaluate import ensemble_metrics  # noqa: E402
@@ -82,7 +84,7 @@ def make_variant(run: RunDir, root: Path, name: str) -> RunDir:
             "specialists.yaml",
             "ensemble.json",
         ]
-    if not (dst / "generalist" / "record.json").is_file():
+    if not RunDir.of(dst).generalist_record.is_file():
         tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir.of(args.run)
     run.require_generalist()
     root = args.out or run.root.parent / "ablations"
-    grec = run.generalist()
+    grec = generalist_record(run)
     bundle = load_data(DataSource.from_dict(grec.data))
     test = bundle.test
     names = args.only or list(TRAINING)

@@ -26,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from specialists.combiner import GroupIndex, gate, objective, solve_em, solve_gd
+from specialists.combiner import objective, solve_em
+from specialists.gating import GroupIndex, gate
+from specialists.reference import solve_gd
 
 
 def make_instance(

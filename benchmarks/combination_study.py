@@ -37,13 +37,12 @@ sys.path.insert(0, str(ROOT))
 
 from specialists.calibrate import (  # noqa: E402
     Collected,
-    Combination,
     best_point,
     collect,
     kept_specialists,
     score_grid,
-    specialist_offsets,
 )
+from specialists.combination import Combination, specialist_offsets  # noqa: E402
 from specialists.data import DataSource  # noqa: E402
 from specialists.ensemble import Ensemble  # noqa: E402
 from specialists.sources import load_data  # noqa: E402

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from specialists.artifacts import generalist_record  # noqa: E402
 from specialists.config import load_config_file  # noqa: E402
 from specialists.errors import SpecialistsError  # noqa: E402
 from specialists.evaluate import evaluate_run  # noqa: E402
@@ -77,7 +78,7 @@ def run_seed(cfg: dict, seed: int, out: Path, data_root: Path, workers: int | No
         )
     stages["specialists_s"] = round(time.perf_counter() - t, 1)
     m = evaluate_run(run.root)
-    grec = run.generalist()
+    grec = generalist_record(run)
     specs = [load_json(p) for p in sorted(run.specialists_dir.glob("[0-9][0-9][0-9].json"))]
     m["seed"] = seed
     m["stages"] = stages

@@ -65,8 +65,8 @@ GRID_TOP_N = (1, 2, 3)
 GRID_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 MIN_GAIN_Z = 2.0  # the ensemble must beat the generalist on validation by 2 standard errors
 SCORE_TOL = 1e-7  # EM tolerance when scoring (argmax and NLL are settled long before 1e-9)
-# Each example stops on its own, so the cap costs only the rare slow rows (one Omniglot row of the
-# grid needs about 350 accelerated steps).
+# Each example stops on its own, so a high cap costs only the rare slow rows that need it (high
+# specialist weights can need hundreds of accelerated steps).
 SCORE_MAX_ITER = 1000
 
 

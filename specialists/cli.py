@@ -1,5 +1,8 @@
 """The ``specialists`` command line: it parses arguments and wires the steps; nothing imports it.
 
+(Over 400 lines on purpose: each subcommand's flags stand beside its handler, one section per
+command, so that the whole interface reads in one file.)
+
 Every subcommand turns a :class:`SpecialistsError` (bad input a user can fix) into one line on
 stderr and exit status 2; an unexpected error prints one line too, with the full traceback only
 under ``--debug``.

@@ -31,6 +31,10 @@ Typical use (the ensemble)::
         if len(rows)
     ]
     q = combine(p_g, outputs, pairs, groups)  # (B, K)
+
+(Over 400 lines on purpose: the packed representation, the EM map and its SQUAREM acceleration
+are one algorithm whose pieces share the packed state; split up, one derivation would be read
+across files.)
 """
 
 from __future__ import annotations

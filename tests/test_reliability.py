@@ -39,8 +39,8 @@ def test_a_crafted_pickle_is_refused_without_running_it(tmp_path, name):
 
 
 def test_a_crafted_pickle_in_place_of_run_weights_is_refused(tmp_path):
-    from specialists.storage import save_json
     from specialists.artifacts import load_generalist
+    from specialists.storage import save_json
 
     marker = tmp_path / "executed"
     gen = tmp_path / "run" / "generalist"

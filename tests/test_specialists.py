@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from specialists.artifacts import load_generalist
 from specialists.dustbin import build_specialist, prior_offsets, project_to_group
 from specialists.models import create_model
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import save_json
-from specialists.artifacts import load_generalist
 from specialists.train._job import cache_data
 from specialists.train.generalist import GeneralistConfig, train_generalist
 from specialists.train.launch import run_jobs
@@ -103,7 +103,9 @@ def test_natural_correction_recovers_the_dustbin_share(run_dir):
     bundle = load_data(TINY_DATA)
     _, eval_tf = make_transforms(grec)
     logits = torch.log(
-        torch.from_numpy(predict_proba(model, bundle.test.images, transform=eval_tf, device=torch.device("cpu")))
+        torch.from_numpy(
+            predict_proba(model, bundle.test.images, transform=eval_tf, device=torch.device("cpu"))
+        )
     )
     raw = torch.softmax(logits, 1)[:, -1].mean().item()
     fixed = (

@@ -62,9 +62,7 @@ class GeneralistConfig:
 
     model: str = "test_efficientnet"
     data: str = "embedded"
-    epochs: int = (
-        10  # short for a first run (under 2 minutes on 2 cores); raise it for a real baseline
-    )
+    epochs: int = 10  # short, for a first run; raise it for a real baseline
     batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 3e-3
