@@ -61,6 +61,7 @@ def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def build_specialist(
     generalist: nn.Module,
     classes: list[int],
+    *,
     sample: torch.Tensor | None = None,
     head_init: str = "copy",
     seed: int = 0,

@@ -62,7 +62,7 @@ class EnsemblePaths:
 
     @property
     def specialists_dir(self) -> Path:
-        return self.base / "specialists"
+        return self.base / RunDir.SPECIALISTS
 
     @property
     def specialists_subdir(self) -> str:
@@ -83,6 +83,7 @@ class RunDir:
 
     root: Path
 
+    SPECIALISTS = "specialists"  # the run's own specialists, relative to the run
     RANDOM_CONTROL = "controls/random"  # specialists on random groups of the same sizes
     EXTRA_CONTROL = "controls/extra"  # the generalist fine-tuned for the specialists' examples
     PLAIN_CONTROL = "controls/plain"  # fine-tuned copies of the generalist, averaged

@@ -84,6 +84,27 @@ def trained_run(run_dir, tmp_path_factory):  # noqa: F811
     return out
 
 
+def test_a_load_reads_each_file_once(trained_run, monkeypatch):
+    """Every file of the ensemble is checked (manifest and record checksums) and hashed once."""
+    from collections import Counter
+
+    from specialists import manifest
+
+    hashed: Counter = Counter()
+    real = manifest.file_sha256
+
+    def counting(path, *args, **kwargs):
+        hashed[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(manifest, "file_sha256", counting)
+    Ensemble.load(trained_run)
+    run = RunDir.of(trained_run)
+    weights = [run.generalist_weights] + [run.specialist(i).weights for i in range(len(GROUPS))]
+    assert all(hashed[str(w)] == 1 for w in weights), hashed
+    assert max(hashed.values()) == 1, hashed
+
+
 def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
     ens = Ensemble.load(trained_run, combination=Combination())  # the paper's: top-1, all
     images = load_data(TINY_DATA).test.images[:20]

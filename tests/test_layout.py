@@ -58,6 +58,26 @@ def test_inference_works_beside_a_users_train_py_and_clustering_py(tmp_path, tra
     assert cli.returncode == 0 and "consulted specialist(s)" in cli.stdout, cli.stderr
 
 
+def test_a_script_without_a_main_guard_can_train(tmp_path, run_dir):  # noqa: F811
+    """Local workers are spawned processes; they must not run the caller's script again."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists"))
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from specialists import SpecialistConfig, train_specialists\n"
+        "cfg = SpecialistConfig(epochs=1, batch_size=32, examples_per_epoch=64)\n"
+        f"results = train_specialists({str(out)!r}, cfg, workers=2, only=[0, 1], progress=False)\n"
+        "print('ok' if all(r.ok for r in results) else [r.error for r in results])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok", proc.stdout
+
+
 def test_the_python_api_is_importable_from_the_top():
     import specialists
 

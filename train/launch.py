@@ -10,14 +10,16 @@ the same jobs again trains only what is missing, or whose inputs changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
@@ -129,9 +131,9 @@ def _exit_with(parent_pid: int, every: float = 1.0) -> None:
 
 
 def _worker_main(
-    conn, run_root: str, cfg: dict, device: str, threads: int | None, parent_pid: int | None = None
+    conn, run_root: str, cfg: Any, device: str, threads: int | None, parent_pid: int | None = None
 ) -> None:
-    """A long-lived local worker: trains the jobs it is sent, one at a time, until sent None.
+    """A long-lived local worker: runs the jobs it is sent, one at a time, until sent None.
     Reusing the process saves the interpreter start and imports for every job; a worker that
     dies takes only its current job with it (the launcher starts a fresh one), and a worker
     whose launcher dies stops within a second."""
@@ -161,6 +163,24 @@ def default_workers(device: str) -> int:
     return available_cores()
 
 
+@contextlib.contextmanager
+def _callers_script_not_rerun() -> Iterator[None]:
+    """While a worker is spawned, hide the caller's ``__main__`` from multiprocessing, which would
+    otherwise run the caller's script again in the worker: a script that calls
+    ``train_specialists`` without an ``if __name__ == "__main__":`` guard would start its own
+    training there. A worker needs nothing from that script: it runs tasks of this package."""
+    main = sys.modules.get("__main__")
+    namespace = vars(main) if main is not None else {}
+    saved = {k: namespace[k] for k in ("__file__", "__spec__") if k in namespace}
+    namespace.pop("__file__", None)
+    if "__spec__" in namespace:
+        namespace["__spec__"] = None
+    try:
+        yield
+    finally:
+        namespace.update(saved)
+
+
 class _Slot:
     """One local worker process bound to a device and a thread count."""
 
@@ -174,7 +194,8 @@ class _Slot:
             self.proc = self.ctx.Process(
                 target=_worker_main, args=(child, *self.args, os.getpid()), daemon=True
             )
-            self.proc.start()
+            with _callers_script_not_rerun():
+                self.proc.start()
             child.close()
         self.job = job
         self.conn.send(job)

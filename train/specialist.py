@@ -22,6 +22,7 @@ from specialists.dustbin import build_specialist, group_hash, prior_offsets, pro
 from specialists.errors import SpecialistsError
 from specialists.models import get_classifier
 from specialists.records import SpecialistRecord
+from specialists.run import RunDir
 from specialists.storage import load_npy
 
 from ._faults import maybe_die
@@ -95,6 +96,7 @@ class EnrichedBatchSampler:
         self,
         labels: np.ndarray,
         classes: list[int],
+        *,
         n_classes: int,
         batch_size: int,
         fraction: float,
@@ -157,7 +159,7 @@ def _set_trainable(model: nn.Module, trainable: str) -> None:
 
 
 def specialist_job(
-    index: int, classes: list[int], generalist_sha256: str, out: str = "specialists"
+    index: int, classes: list[int], generalist_sha256: str, out: str = RunDir.SPECIALISTS
 ) -> Job:
     """The launcher's job that trains specialist ``index`` for ``classes`` into ``RUN/<out>/``; an
     artifact already there counts as done when it is for the same group of the same generalist."""
@@ -196,7 +198,7 @@ def train_specialist(
     device: str = "auto",
     threads: int | None = None,
     progress: bool = False,
-    out: str = "specialists",
+    out: str = RunDir.SPECIALISTS,
 ) -> SpecialistRecord:
     """Train specialist ``index`` for ``classes`` and write its weights and record into
     ``RUN/<out>/`` (default the run's own specialists)."""
@@ -216,17 +218,18 @@ def train_specialist(
     sampler = EnrichedBatchSampler(
         train_labels,
         classes,
-        grec.n_classes,
-        cfg.batch_size,
-        cfg.enrich_fraction,
+        n_classes=grec.n_classes,
+        batch_size=cfg.batch_size,
+        fraction=cfg.enrich_fraction,
         seed=cfg.seed + 1000 * index,
     )
     rng = np.random.default_rng([cfg.seed, index, 1])
     sample_idx = rng.choice(len(train_labels), size=min(512, len(train_labels)), replace=False)
     sample = eval_tf(images_t[torch.from_numpy(np.sort(sample_idx))].to(dev))
-    model = build_specialist(generalist, classes, sample, cfg.head_init, seed=cfg.seed + index).to(
-        dev
+    model = build_specialist(
+        generalist, classes, sample=sample, head_init=cfg.head_init, seed=cfg.seed + index
     )
+    model.to(dev)
     _set_trainable(model, cfg.trainable)
 
     examples = cfg.examples_per_epoch or max(
