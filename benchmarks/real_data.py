@@ -74,7 +74,7 @@ def run_seed(cfg: dict, seed: int, out: Path, data_root: Path, workers: int | No
     failed = [r for r in results if not r.ok]
     if failed:
         raise SpecialistsError(
-            f"{out}: specialist {failed[0].job.spec_id} failed: {failed[0].error}"
+            f"{out}: specialist {failed[0].job.id} failed: {failed[0].error}"
         )
     stages["specialists_s"] = round(time.perf_counter() - t, 1)
     m = evaluate_run(run.root)
