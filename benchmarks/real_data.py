@@ -73,9 +73,7 @@ def run_seed(cfg: dict, seed: int, out: Path, data_root: Path, workers: int | No
     results = train_specialists(run.root, scfg, workers=workers, progress=False)
     failed = [r for r in results if not r.ok]
     if failed:
-        raise SpecialistsError(
-            f"{out}: specialist {failed[0].job.id} failed: {failed[0].error}"
-        )
+        raise SpecialistsError(f"{out}: specialist {failed[0].job.id} failed: {failed[0].error}")
     stages["specialists_s"] = round(time.perf_counter() - t, 1)
     m = evaluate_run(run.root)
     grec = generalist_record(run)
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.controls:
                 from specialists.train.controls import evaluate_controls, run_controls
 
-                run_controls(out / f"seed{seed}", args.workers, seed=seed, progress=False)
+                run_controls(out / f"seed{seed}", workers=args.workers, seed=seed, progress=False)
                 m.update(evaluate_controls(out / f"seed{seed}"))
             rows.append(m)
             log.info("\n%s", table(rows))

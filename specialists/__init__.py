@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .artifacts import load_generalist
+    from .artifacts import load_generalist, load_student
     from .calibrate import calibrate_run
     from .combination import Combination
     from .combiner import combine, objective, solve_em
@@ -31,11 +31,13 @@ if TYPE_CHECKING:
     from .run import RunDir
     from .sources import load_data, parse_source
     from .train import (
+        DistillConfig,
         GeneralistConfig,
         SpecialistConfig,
         evaluate_controls,
         run_controls,
         run_demo,
+        run_distill,
         train_generalist,
         train_specialists,
     )
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 # Public name -> the module that defines it. Loaded on first use, so that importing one module of
 # the package (the command line, a worker process) does not load all of them.
 _EXPORTS = {
-    **dict.fromkeys(["load_generalist"], "artifacts"),
+    **dict.fromkeys(["load_generalist", "load_student"], "artifacts"),
     **dict.fromkeys(["calibrate_run"], "calibrate"),
     **dict.fromkeys(["Combination"], "combination"),
     **dict.fromkeys(["combine", "objective", "solve_em"], "combiner"),
@@ -58,11 +60,13 @@ _EXPORTS = {
     **dict.fromkeys(["load_data", "parse_source"], "sources"),
     **dict.fromkeys(
         [
+            "DistillConfig",
             "GeneralistConfig",
             "SpecialistConfig",
             "evaluate_controls",
             "run_controls",
             "run_demo",
+            "run_distill",
             "train_generalist",
             "train_specialists",
         ],
@@ -78,6 +82,7 @@ __all__ = [
     "Combination",
     "DataBundle",
     "DataSource",
+    "DistillConfig",
     "Ensemble",
     "EnsembleOutput",
     "FinetuneRecord",
@@ -96,10 +101,12 @@ __all__ = [
     "gate",
     "load_data",
     "load_generalist",
+    "load_student",
     "objective",
     "parse_source",
     "run_controls",
     "run_demo",
+    "run_distill",
     "solve_em",
     "train_generalist",
     "train_specialists",

@@ -160,7 +160,8 @@ def _cluster(args: argparse.Namespace) -> int:
     cfg = merge_config(ClusterConfig, file_values, overrides, args.config or "command line")
     report = cluster_run(args.run, cfg)
     print(summarize_clusters(report))
-    print(f"written to {args.run}/clusters.json and {args.run}/clusters.png")
+    run = RunDir.of(args.run)
+    print(f"written to {run.clusters} and {run.clusters_png}")
     return 0
 
 
@@ -169,7 +170,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def _launcher_args(p: argparse.ArgumentParser) -> None:
-    """Options of the parallel launcher, shared by `train` and `controls`."""
+    """Options of the parallel launcher, shared by `train`, `controls` and `distill`."""
     p.add_argument(
         "--workers", type=int, help="parallel jobs (default: one per GPU, else one per CPU core)"
     )
@@ -327,25 +328,55 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="gating: specialists of the generalist's top-n classes (default: calibrated, else 1)",
     )
+    p.add_argument(
+        "--model",
+        choices=["ensemble", "student", "generalist"],
+        default="ensemble",
+        help="what answers: the ensemble (default), the distilled student, or the generalist",
+    )
     p.add_argument("--device", default="auto")
 
 
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .ensemble import Ensemble
+    from .artifacts import generalist_record, load_generalist, load_student
     from .image_files import read_images
+    from .models import predict_proba, resolve_device
+    from .transforms import make_transforms
 
     if args.top_k < 1:
         raise SpecialistsError(f"--top-k {args.top_k}: must be >= 1")
-    ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
-    images = read_images(args.images, ens.record.input_size, ens.record.in_chans)
-    out = ens.run_batch(images)
-    names = ens.record.class_names
-    for path, q, consulted in zip(args.images, out.q, out.consulted):
+    run = RunDir.of(args.run)
+    if args.model == "ensemble":
+        from .ensemble import Ensemble
+
+        ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
+        images = read_images(args.images, ens.record.input_size, ens.record.in_chans)
+        out = ens.run_batch(images)
+        probs, notes = (
+            out.q,
+            [
+                "consulted specialist(s): "
+                + (", ".join(f"#{i}" for i in c) if c else "none (generalist only)")
+                for c in out.consulted
+            ],
+        )
+    else:
+        device = resolve_device(args.device)
+        grec = generalist_record(run)
+        if args.model == "student":
+            model, _, transform = load_student(run, device)
+        else:
+            model, grec = load_generalist(run, device)
+            transform = make_transforms(grec)[1]
+        images = read_images(args.images, grec.input_size, grec.in_chans)
+        probs = predict_proba(model, images, transform=transform, device=device)
+        notes = [args.model] * len(images)
+    names = generalist_record(run).class_names
+    for path, q, note in zip(args.images, probs, notes):
         top = np.argsort(-q)[: args.top_k]
-        used = ", ".join(f"#{i}" for i in consulted) if consulted else "none (generalist only)"
-        print(f"{path}  [consulted specialist(s): {used}]")
+        print(f"{path}  [{note}]")
         for c in top:
             print(f"  {q[c]:7.4f}  {names[c]}")
     return 0
@@ -383,6 +414,80 @@ def _controls(args: argparse.Namespace) -> int:
         return 1
     m = evaluate_controls(args.run, top_n=args.top_n, device=args.device)
     print(format_metrics(m))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# distill
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with a calibrated ensemble")
+    _launcher_args(p)
+    p.add_argument(
+        "--config", help="YAML file with any of the options below (command-line flags win)"
+    )
+    p.add_argument("--model", help="the student's timm model (default: the generalist's)")
+    p.add_argument(
+        "--init",
+        help="generalist (its weights, the default for its architecture), random, or a "
+        "checkpoint of the student's architecture",
+    )
+    p.add_argument(
+        "--teacher",
+        dest="teacher_mode",
+        choices=["online", "cached"],
+        help="online: the ensemble scores the student's own augmented batch (default); "
+        "cached: its outputs on the un-augmented images, computed once",
+    )
+    p.add_argument("--temperature", type=float, help="T of the soft targets (default 2)")
+    p.add_argument(
+        "--alpha", type=float, help="weight of the soft term, 1 - alpha on the labels (default 0.9)"
+    )
+    p.add_argument("--epochs", type=int, help="passes over the training images (default 20)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--transfer",
+        help="images without labels to learn from the teacher alone: a folder of images or any "
+        "data source (its labels ignored)",
+    )
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="also distil the generalist alone (self-distillation) and, where the run has it, "
+        "the random-groups ensemble",
+    )
+    p.add_argument("--seed", type=int)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .config import load_config_file, merge_config
+    from .train.distill import DistillConfig, run_distill
+
+    file_values = load_config_file(args.config) if args.config else {}
+    overrides = {k: getattr(args, k, None) for k in DistillConfig.__dataclass_fields__}
+    cfg = merge_config(DistillConfig, file_values, overrides, args.config or "command line")
+    results = run_distill(
+        args.run,
+        cfg,
+        controls=args.controls,
+        workers=args.workers,
+        backend=args.backend,
+        device=args.device,
+        ray_address=args.ray_address,
+        progress=not args.quiet,
+    )
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        if r.ok:
+            print(r.record.describe() + (" (already done)" if r.skipped else ""))
+    for r in failed:
+        print(f"  student {r.job.out}: FAILED: {r.error}", file=sys.stderr)
+    if failed:
+        print("rerun the same command to resume the failed ones", file=sys.stderr)
+        return 1
+    print(f"`specialists evaluate {args.run}` adds the student's row to the metrics")
     return 0
 
 
@@ -519,6 +624,11 @@ COMMANDS: dict[
         "train and evaluate the controls: random groups, extra compute, plain ensemble",
         _controls_args,
         _controls,
+    ),
+    "distill": (
+        "distil the calibrated ensemble into one student model",
+        _distill_args,
+        _distill,
     ),
     "demo": ("run the whole pipeline on the embedded data", _demo_args, _demo),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),

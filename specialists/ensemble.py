@@ -18,12 +18,11 @@ import torch
 from torch import nn
 
 from . import manifest
-from .artifacts import load_checked, load_generalist, load_groups, load_weights
+from .artifacts import load_generalist, load_specialists, load_weights
 from .combination import Combination, load_combination, specialist_offsets
 from .combiner import combine
-from .dustbin import group_hash
 from .errors import SpecialistsError
-from .gating import GroupIndex, gate
+from .gating import ActivePairs, GroupIndex, gate
 from .models import create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import EnsemblePaths, RunDir
@@ -104,34 +103,13 @@ class Ensemble:
         dev = resolve_device(device)
         generalist, record = load_generalist(run, dev)
         paths = run.ensemble(variant)
-        manifest.verify(run.root, paths.clusters)
-        groups = load_groups(paths.clusters, record.n_classes)
         if top_n is not None and not 1 <= top_n <= record.n_classes:
             raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
+        records = load_specialists(run, record, variant=variant)
         if combination is None:
-            manifest.verify(run.root, paths.combination)
+            if paths.combination.is_file():
+                manifest.verify(run.root, paths.combination)
             combination = load_combination(paths.combination) or Combination()
-        records = []
-        for i, classes in enumerate(groups):
-            files = paths.specialist(i)
-            rec = load_checked(
-                run,
-                files.record,
-                files.weights,
-                SpecialistRecord,
-                missing=f"specialist {i} is missing (run `specialists train {run.root}`)",
-            )
-            if rec.generalist_sha256 != record.weights_sha256:
-                raise SpecialistsError(
-                    f"{files.record}: trained from another generalist (rerun `specialists train {run.root}`)"
-                )
-            if rec.classes != classes or rec.group_hash != group_hash(
-                classes, record.weights_sha256
-            ):
-                raise SpecialistsError(
-                    f"{files.record}: its classes do not match group {i} of {paths.clusters} (rerun `specialists train {run.root}`)"
-                )
-            records.append(rec)
         return cls(
             run,
             generalist,
@@ -194,24 +172,35 @@ class Ensemble:
         return torch.cat(out).numpy()
 
     @torch.no_grad()
+    def combine_transformed(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
+        """q (B, K), p_g (B, K) and the active pairs for a batch already transformed as
+        ``self.transform`` does (on the ensemble's device): the generalist once, each active
+        specialist only on the rows that activate it, then the combiner. A distillation teacher
+        calls this on the student's own augmented batch."""
+        p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
+        pairs = gate(p_g, self.groups, self.top_n)
+        outputs = []
+        for m, rows in enumerate(pairs.per_specialist(len(self.specialists))):
+            if len(rows):
+                logits = self.specialist(m)(x[rows]).float() + self.offsets[m]
+                outputs.append(torch.softmax(logits, 1))
+        q = (
+            combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
+            if outputs
+            else p_g
+        )
+        return q, p_g, pairs
+
+    @torch.no_grad()
     def run_batch(self, images: np.ndarray | torch.Tensor) -> EnsembleOutput:
         """Generalist once, each active specialist only on the inputs that activate it, combiner."""
         x_all = self.check_images(images)
         qs, pgs, consulted = [], [], []
         for start in range(0, len(x_all), self.batch_size):
             x = self.transform(x_all[start : start + self.batch_size].to(self.device))
-            p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
-            pairs = gate(p_g, self.groups, self.top_n)
-            outputs = []
-            for m, rows in enumerate(pairs.per_specialist(len(self.specialists))):
-                if len(rows):
-                    logits = self.specialist(m)(x[rows]).float() + self.offsets[m]
-                    outputs.append(torch.softmax(logits, 1))
-            q = (
-                combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
-                if outputs
-                else p_g
-            )
+            q, p_g, pairs = self.combine_transformed(x)
             by_row: list[list[int]] = [[] for _ in range(len(x))]
             for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
                 by_row[r].append(self.specialists[s].id)

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
 from . import manifest
+from .artifacts import load_student
 from .data import DataSource
 from .ensemble import Ensemble
 from .errors import SpecialistsError
+from .models import predict_proba
 from .run import RunDir
 from .sources import load_data, parse_source
 from .storage import save_figure, save_json
+from .transforms import resize_images
 
-__all__ = ["ensemble_metrics", "evaluate_run", "format_metrics", "plot_coverage"]
+__all__ = ["ensemble_metrics", "evaluate_run", "format_metrics", "plot_coverage", "student_rows"]
+
+# The students a run may hold: (folder, the row's name).
+STUDENTS = (
+    (RunDir.STUDENT, "student (distilled ensemble)"),
+    (RunDir.SELF_STUDENT_CONTROL, "self-distilled generalist"),
+    (RunDir.RANDOM_STUDENT_CONTROL, "student of random groups"),
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +118,18 @@ def format_metrics(m: dict) -> str:
             f"specialist weight {c['spec_weight']:g}, "
             f"dustbin correction {c['correction'] or 'as trained'}"
         )
+    if m.get("students"):
+        lines.append("")
+        lines.append(
+            f"{'one model each':28s}{'accuracy':>12s}{'rel. error':>12s}{'conditional':>13s}"
+            f"{'images/s':>10s}{'vs generalist':>15s}"
+        )
+        for r in m["students"]:
+            lines.append(
+                f"{r['name']:28s}{pct(r['accuracy']):>12s}{pct(r['relative_error_reduction']):>12s}"
+                f"{pct(r['conditional_accuracy']):>13s}{r['images_per_second']:>10.0f}"
+                f"{r['throughput_ratio']:>14.2f}x"
+            )
     if m.get("controls"):
         lines.append("")
         lines.append(
@@ -135,6 +158,48 @@ def format_metrics(m: dict) -> str:
             f"{r['n_specialists']:>10d}{r['n_examples']:>10d}{r['delta_correct']:>+15d}{rel:>17s}"
         )
     return "\n".join(lines)
+
+
+def _images_per_second(predict, images: np.ndarray) -> float:
+    predict(images[:256])  # warm up
+    start = time.perf_counter()
+    predict(images)
+    return len(images) / (time.perf_counter() - start)
+
+
+def student_rows(
+    ens: Ensemble, images: np.ndarray, labels: np.ndarray, p_g: np.ndarray
+) -> list[dict]:
+    """One row per distilled student of the run (the ensemble's, and the controls' where they
+    exist): test accuracy, relative error reduction and conditional accuracy against the
+    generalist, and images per second against the generalist's, measured back to back."""
+    rows = []
+    groups = [s.classes for s in ens.specialists] or [s.classes for s in ens.all_specialists]
+    timed = images[: min(len(images), 2048)]
+    for subdir, name in STUDENTS:
+        if not ens.run.student(subdir).files.record.is_file():
+            continue
+        model, record, transform = load_student(ens.run, ens.device, subdir=subdir)
+
+        def predict(x: np.ndarray, model=model, transform=transform) -> np.ndarray:
+            return predict_proba(model, x, transform=transform, device=ens.device)
+
+        m = ensemble_metrics(p_g, predict(images), labels, groups)
+        generalist_ips = _images_per_second(ens.generalist_proba, timed)
+        student_ips = _images_per_second(predict, timed)
+        rows.append(
+            {
+                "name": name,
+                "architecture": record.architecture,
+                "accuracy": m["ensemble_accuracy"],
+                "relative_error_reduction": m["relative_error_reduction"],
+                "conditional_accuracy": m["ensemble_conditional_accuracy"],
+                "images_per_second": round(student_ips, 1),
+                "throughput_ratio": round(student_ips / generalist_ips, 3),
+                "train_seconds": record.metrics["seconds"],
+            }
+        )
+    return rows
 
 
 def plot_coverage(m: dict, path: str | Path) -> None:
@@ -194,12 +259,7 @@ def evaluate_run(
     part = bundle.split(split)
     images = part.images
     if images.shape[1] != ens.record.input_size:
-        import torch
-        import torch.nn.functional as F
-
-        t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        t = F.interpolate(t, size=(ens.record.input_size,) * 2, mode="bilinear", antialias=True)
-        images = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        images = resize_images(images, ens.record.input_size)
     out = ens.run_batch(images)
     m = ensemble_metrics(out.p_g, out.q, part.labels, [s.classes for s in ens.specialists])
     g_ips, e_ips = ens.throughput(images[: min(len(images), 2048)])
@@ -219,6 +279,9 @@ def evaluate_run(
             "mean_specialists_consulted": round(float(np.mean([len(c) for c in out.consulted])), 3),
         }
     )
+    students = student_rows(ens, images, part.labels, out.p_g)
+    if students:
+        m["students"] = students
     save_json(run.metrics, m)
     plot_coverage(m, run.coverage_png)
     manifest.register(run.root, run.metrics, run.coverage_png)

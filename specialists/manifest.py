@@ -18,7 +18,6 @@ from .storage import file_sha256, load_json, save_json
 __all__ = ["MANIFEST_VERSION", "checked_sha256", "register", "verify"]
 
 MANIFEST_VERSION = 1
-_HINT = "if a step was interrupted while writing it, rerun that step"
 
 
 def _path(root: Path) -> Path:

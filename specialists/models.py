@@ -1,23 +1,31 @@
-"""Building models from timm names, loading local checkpoints, choosing the device."""
+"""Building models from timm names, loading local checkpoints, choosing the device, and running a
+plain model over images (``predict_proba``)."""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import os
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import SpecialistsError
 from .storage import load_tensors
+from .transforms import BatchTransform
 
 __all__ = [
+    "autocast_for",
     "create_model",
     "get_classifier",
     "load_checkpoint_weights",
+    "predict_proba",
     "resolve_device",
     "set_cpu_threads",
 ]
@@ -135,3 +143,49 @@ def set_cpu_threads(threads: int | None) -> int:
         threads = available_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], object], torch.dtype | None]:
+    """Autocast context factory and dtype: bf16 (or fp16) on CUDA, nothing on CPU."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext, None
+    if amp == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        if dtype is None:
+            raise SpecialistsError(f"--amp {amp}: expected auto, bf16, fp16 or off")
+    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    transform: BatchTransform,
+    device: torch.device,
+    batch_size: int = 512,
+    amp: str = "auto",
+    desc: str = "predict",
+    progress: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities (N, K) float32, in input order; deterministic on CPU."""
+    model.eval()
+    autocast, _ = autocast_for(device, amp)
+    images = torch.as_tensor(images)
+    out = []
+    for start in tqdm(
+        range(0, len(images), batch_size),
+        desc=desc,
+        leave=False,
+        disable=not progress,
+        unit="batch",
+    ):
+        x = transform(images[start : start + batch_size].to(device, non_blocking=True))
+        with autocast():
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()

@@ -18,8 +18,10 @@ __all__ = [
     "SCHEMA_VERSION",
     "FinetuneRecord",
     "GeneralistRecord",
+    "JobRecord",
     "Record",
     "SpecialistRecord",
+    "StudentRecord",
     "record_from_dict",
 ]
 
@@ -74,6 +76,21 @@ class Record:
         return self.kind
 
 
+@dataclass(frozen=True, kw_only=True)
+class JobRecord(Record):
+    """What the record of every job holds (a specialist, a fine-tuned copy, a student): which job,
+    from which generalist, with which settings, how it went, and the checksum of its weights.
+    The launcher decides from these fields whether a job is done."""
+
+    id: int
+    generalist_sha256: str
+    config: dict
+    metrics: dict
+    weights_sha256: str
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class GeneralistRecord(Record):
     """What a run needs to rebuild and judge its generalist."""
@@ -104,29 +121,22 @@ class GeneralistRecord(Record):
             )
 
 
-@dataclass(frozen=True)
-class SpecialistRecord(Record):
+@dataclass(frozen=True, kw_only=True)
+class SpecialistRecord(JobRecord):
     """Everything needed to rebuild, trust and apply one trained specialist."""
 
     kind: ClassVar[str] = "specialist"
 
-    id: int
     classes: list[int]
     class_names: list[str]
     group_hash: str
-    generalist_sha256: str
     architecture: str
     train_fraction: float  # share of each batch drawn from S
     natural_prior: float  # share of S in the training data
     gated_prior: float  # share of S among validation inputs whose generalist top-1 is in S
     correction: str  # natural | gated | none
     logit_offset: list[float]  # added to the specialist's logits at inference (|S| + 1)
-    metrics: dict
     history: list[dict]
-    config: dict
-    weights_sha256: str
-    schema_version: int = SCHEMA_VERSION
-    extra: dict = field(default_factory=dict)
 
     def check(self, source: str | Path) -> None:
         if len(self.logit_offset) != len(self.classes) + 1:
@@ -142,24 +152,37 @@ class SpecialistRecord(Record):
         )
 
 
-@dataclass(frozen=True)
-class FinetuneRecord(Record):
+@dataclass(frozen=True, kw_only=True)
+class FinetuneRecord(JobRecord):
     """A copy of the generalist fine-tuned over all classes (a control)."""
 
     kind: ClassVar[str] = "fine-tune"
 
-    id: int
     examples: int
     seed: int
-    generalist_sha256: str
-    config: dict
-    metrics: dict
-    weights_sha256: str
-    schema_version: int = SCHEMA_VERSION
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         return (
             f"fine-tuned copy {self.id}: {self.examples} examples, val accuracy "
             f"{self.metrics['val_acc']:.3f}, {self.metrics['seconds']:.0f} s"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentRecord(JobRecord):
+    """One model distilled from a teacher (the ensemble, or a control's teacher)."""
+
+    kind: ClassVar[str] = "student"
+
+    architecture: str
+    n_classes: int
+    teacher: str  # ensemble | generalist | random groups
+    teacher_sha256: str  # identity of the teacher: its models and its combination
+    history: list[dict]
+
+    def describe(self) -> str:
+        m = self.metrics
+        return (
+            f"student of the {self.teacher}: {self.architecture}, val accuracy {m['val_acc']:.4f} "
+            f"(teacher {m['teacher_val_acc']:.4f}), {m['epochs_run']} epochs, {m['seconds']:.0f} s"
         )

@@ -14,10 +14,14 @@ RUN/
   manifest.json               every finished artifact with its size and checksum
   controls/random/            clusters.json, specialists/, ensemble.json of the random groups
   controls/extra/, controls/plain/   the fine-tuned copies (NNN.safetensors, NNN.json)
+  student/                    the distilled student: 000.safetensors, 000.json, history.csv,
+                              curve.png (resume/ while training, teacher_q.npy for a cached teacher)
+  controls/student-self/, controls/student-random/   the distillation controls' students
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import NamedTuple
 
 from .errors import SpecialistsError
 
-__all__ = ["ArtifactPaths", "EnsemblePaths", "RunDir"]
+__all__ = ["ArtifactPaths", "EnsemblePaths", "RunDir", "StudentPaths"]
 
 
 class ArtifactPaths(NamedTuple):
@@ -78,6 +82,39 @@ class EnsemblePaths:
 
 
 @dataclass(frozen=True)
+class StudentPaths:
+    """Where one distilled student lives: the run's own or a control's."""
+
+    run_root: Path
+    base: Path
+
+    @property
+    def subdir(self) -> str:
+        """The student's folder relative to the run (what its job names as its output)."""
+        return self.base.relative_to(self.run_root).as_posix()
+
+    @property
+    def files(self) -> ArtifactPaths:
+        return _artifact(self.base, 0)
+
+    @property
+    def history(self) -> Path:
+        return self.base / "history.csv"
+
+    @property
+    def curve(self) -> Path:
+        return self.base / "curve.png"
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.base / "resume"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.base / "teacher_q.npy"
+
+
+@dataclass(frozen=True)
 class RunDir:
     """Paths inside a run directory (the layout in this module's docstring)."""
 
@@ -87,6 +124,9 @@ class RunDir:
     RANDOM_CONTROL = "controls/random"  # specialists on random groups of the same sizes
     EXTRA_CONTROL = "controls/extra"  # the generalist fine-tuned for the specialists' examples
     PLAIN_CONTROL = "controls/plain"  # fine-tuned copies of the generalist, averaged
+    STUDENT = "student"  # the ensemble distilled into one model
+    SELF_STUDENT_CONTROL = "controls/student-self"  # distilled from the generalist alone
+    RANDOM_STUDENT_CONTROL = "controls/student-random"  # distilled from the random groups
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> RunDir:
@@ -135,6 +175,11 @@ class RunDir:
         """Written after the split's images: its presence marks the split complete."""
         return self.root / "cache" / f"{split}_labels.npy"
 
+    def transfer_cache(self, source: str) -> Path:
+        """Images without labels read from ``source`` (a distillation's transfer data)."""
+        key = hashlib.sha256(source.encode()).hexdigest()[:12]
+        return self.root / "cache" / f"transfer_{key}.npy"
+
     @property
     def specialists_config(self) -> Path:
         return self.root / "specialists.yaml"
@@ -174,6 +219,10 @@ class RunDir:
 
     def specialist(self, index: int) -> ArtifactPaths:
         return self.ensemble().specialist(index)
+
+    def student(self, subdir: str = STUDENT) -> StudentPaths:
+        """The distilled student (``subdir``: a control's, e.g. ``RunDir.SELF_STUDENT_CONTROL``)."""
+        return StudentPaths(self.root, self.root / subdir)
 
     def artifact(self, subdir: str, index: int) -> ArtifactPaths:
         """The files of job ``index`` whose output folder is ``RUN/<subdir>``."""

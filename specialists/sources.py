@@ -24,8 +24,9 @@ from .data import ArraySplit, DataBundle, DataSource, carve_val
 from .embedded import SyntheticConfig, generate_split, group_of_classes, synthetic_class_names
 from .errors import SpecialistsError
 from .image_files import read_images
+from .transforms import resize_images
 
-__all__ = ["SOURCES", "load_data", "parse_source", "read_idx"]
+__all__ = ["SOURCES", "load_data", "load_unlabelled", "parse_source", "read_idx"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,24 @@ def parse_source(
             f"--data {text}: unknown source kind {kind!r}; known: {', '.join(SOURCES)}"
         )
     return DataSource("folder", str(Path(text).expanduser()), {}, seed, val_fraction, image_size)
+
+
+def load_unlabelled(text: str, *, size: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Images without labels, uint8 (N, size, size, channels): every image file below a folder
+    that is not a data source's tree (no ``train/``), else the training split of the data source
+    ``text`` names (its labels ignored)."""
+    path = Path(text).expanduser()
+    if path.is_dir() and not (path / "train").is_dir():
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise SpecialistsError(f"{path}: no images in this folder")
+        return read_images(files, size, channels)
+    bundle = load_data(parse_source(text, seed=seed, image_size=size))
+    return resize_images(bundle.train.images, size, channels)
 
 
 def load_data(source: DataSource | str) -> DataBundle:

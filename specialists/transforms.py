@@ -6,12 +6,13 @@ ops is much faster than per-image PIL transforms for the small inputs this proje
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .records import GeneralistRecord
 
-__all__ = ["BatchTransform", "make_transforms"]
+__all__ = ["BatchTransform", "make_transforms", "resize_images"]
 
 
 class BatchTransform:
@@ -69,3 +70,19 @@ def make_transforms(record: GeneralistRecord) -> tuple[BatchTransform, BatchTran
         record.mean, record.std, record.input_size, augment=True, hflip=record.hflip
     )
     return train, BatchTransform(record.mean, record.std, record.input_size)
+
+
+def resize_images(images: np.ndarray, size: int, channels: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) images at ``size`` x ``size`` (bilinear, antialiased) and, if given,
+    ``channels`` (RGB to gray by the mean of the channels, gray to RGB by repetition)."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if channels is not None and x.shape[-1] != channels:
+        if channels == 1:
+            x = x.float().mean(-1, keepdim=True).round().to(torch.uint8)
+        else:
+            x = x[..., :1].expand(*x.shape[:-1], channels)
+    if x.shape[1] != size or x.shape[2] != size:
+        t = x.permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True)
+        x = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return x.contiguous().numpy()

@@ -7,12 +7,11 @@ import torch
 from specialists.artifacts import load_generalist
 from specialists.cli import main
 from specialists.errors import SpecialistsError
-from specialists.models import create_model
+from specialists.models import create_model, predict_proba
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import load_tensors, save_tensors
 from specialists.train.generalist import GeneralistConfig, train_generalist
-from specialists.train.loop import predict_proba
 from specialists.transforms import make_transforms
 
 from .conftest import TINY_DATA

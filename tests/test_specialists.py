@@ -8,14 +8,13 @@ import torch
 
 from specialists.artifacts import load_generalist
 from specialists.dustbin import build_specialist, prior_offsets, project_to_group
-from specialists.models import create_model
+from specialists.models import create_model, predict_proba
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import save_json
 from specialists.train._job import cache_data
 from specialists.train.generalist import GeneralistConfig, train_generalist
 from specialists.train.launch import run_jobs
-from specialists.train.loop import predict_proba
 from specialists.train.specialist import (
     EnrichedBatchSampler,
     SpecialistConfig,

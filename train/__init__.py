@@ -5,12 +5,14 @@ imports it; the command line (:mod:`specialists.cli`) sits on top.
 """
 
 from .controls import evaluate_controls, run_controls
+from .distill import DistillConfig, run_distill
 from .generalist import GeneralistConfig, train_generalist
 from .launch import Job, JobResult, run_jobs
 from .pipeline import run_demo, train_specialists
 from .specialist import SpecialistConfig, specialist_job, train_specialist
 
 __all__ = [
+    "DistillConfig",
     "GeneralistConfig",
     "Job",
     "JobResult",
@@ -18,6 +20,7 @@ __all__ = [
     "evaluate_controls",
     "run_controls",
     "run_demo",
+    "run_distill",
     "run_jobs",
     "specialist_job",
     "train_generalist",

@@ -28,7 +28,7 @@ from specialists.calibrate import calibrate_run
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
 from specialists.evaluate import ensemble_metrics, evaluate_run
-from specialists.models import create_model, resolve_device
+from specialists.models import create_model, predict_proba, resolve_device
 from specialists.records import FinetuneRecord, GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
 from specialists.sources import load_data
@@ -40,7 +40,6 @@ from .launch import Job, JobResult, run_jobs
 from .loop import (
     build_optimizer,
     cosine_with_warmup,
-    predict_proba,
     shuffled_batches,
     train_one_epoch,
 )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import shutil
 import time
@@ -24,6 +22,7 @@ from specialists.models import (
     apply_checkpoint,
     create_model,
     load_checkpoint_weights,
+    predict_proba,
     resolve_device,
     set_cpu_threads,
 )
@@ -34,7 +33,6 @@ from specialists.storage import (
     atomic_write_text,
     check_writable,
     file_sha256,
-    save_figure,
     save_json,
     save_npy,
     save_tensors,
@@ -42,11 +40,12 @@ from specialists.storage import (
 from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
-from ._state import load_state, save_state
+from ._state import checkpoint, resume
 from .loop import (
     build_optimizer,
     cosine_with_warmup,
-    predict_proba,
+    history_csv,
+    plot_history,
     shuffled_batches,
     train_one_epoch,
 )
@@ -93,39 +92,6 @@ class GeneralistConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-
-
-def _history_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
-    """The training curve: train and validation accuracy and loss by epoch, best epoch marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a1.plot(ep, [100 * r["train_acc"] for r in history], label="train (augmented)")
-    a1.plot(ep, [100 * r["val_acc"] for r in history], label="validation")
-    a1.set_ylabel("accuracy (%)")
-    a2.plot(ep, [r["train_loss"] for r in history], label="train (augmented)")
-    a2.plot(ep, [r["val_loss"] for r in history], label="validation")
-    a2.set_ylabel("cross-entropy")
-    for ax in (a1, a2):
-        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    a1.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
 
 
 def _versions() -> dict:
@@ -193,22 +159,10 @@ def train_generalist(
 
     run.generalist_dir.mkdir(parents=True, exist_ok=True)
     write_config(run.config, cfg)
-    history: list[dict] = []
-    best = {"val_acc": -1.0, "epoch": 0}
-    best_state: dict[str, torch.Tensor] | None = None
-    start_epoch = 0
-    state = load_state(run.resume_dir)
-    if state is not None:
-        if state["config"] != asdict(cfg):
-            raise SpecialistsError(
-                f"{run.resume_dir}: an interrupted training with another configuration is here; use another --out or delete it"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, best_state = state["history"], state["best"], state["best_model"]
-        start_epoch = state["epoch"]
-        log.warning("resuming %s from epoch %d", run.root, start_epoch)
+    state = resume(run.resume_dir, asdict(cfg), model, optimizer, scheduler)
+    if state.epoch:
+        log.warning("resuming %s from epoch %d", run.root, state.epoch)
+    history, start_epoch = state.history, state.epoch
 
     log.info(
         "generalist %s (%.2fM params) on %s: %d classes, %d train / %d val images, input %d, device %s%s",
@@ -225,6 +179,7 @@ def train_generalist(
     val_images = torch.from_numpy(bundle.val.images)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
+        best = state.best
         if epoch - best["epoch"] >= cfg.patience and best["epoch"] > 0:
             log.info("early stop: no better validation accuracy for %d epochs", cfg.patience)
             break
@@ -281,28 +236,15 @@ def train_generalist(
             val_acc,
             stats["images_per_second"],
         )
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch + 1}
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        atomic_write_text(run.history, _history_csv(history))
-        save_state(
-            run.resume_dir,
-            {
-                "config": asdict(cfg),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "best": best,
-                "best_model": best_state,
-            },
-            tag=f"epoch{epoch + 1:04d}",
-        )
+        state.epoch = epoch + 1
+        state.offer(val_acc, model)
+        atomic_write_text(run.history, history_csv(history))
+        checkpoint(run.resume_dir, asdict(cfg), state, model, optimizer, scheduler)
     train_seconds = time.perf_counter() - t0
 
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    best = state.best
+    assert state.best_model is not None
+    model.load_state_dict(state.best_model)
     predict = dict(transform=eval_tf, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp)
     val_probs = predict_proba(model, val_images, **predict)
     test_probs = predict_proba(model, bundle.test.images, **predict)

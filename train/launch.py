@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 Task = Callable[..., Record]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Job:
     """One unit of work: ``task(run_root, job, cfg, device=..., threads=...)`` writes a
     ``record_type`` record and its weights as ``RUN/<out>/NNN.*`` (``RunDir.artifact``).
@@ -60,7 +60,11 @@ class Job:
 
     @property
     def name(self) -> str:
-        return f"{self.record_type.kind} {self.id:3d}"
+        """For progress lines: ``specialist   3`` for the run's own specialists, else the kind
+        and the output folder (``fine-tune controls/plain/000``)."""
+        if self.out == RunDir.SPECIALISTS:
+            return f"{self.record_type.kind} {self.id:3d}"
+        return f"{self.record_type.kind} {self.out}/{self.id:03d}"
 
 
 @dataclass

@@ -1,11 +1,14 @@
-"""Training as plain functions: batches, one epoch, evaluation, schedules, mixed precision."""
+"""Training as plain functions: batches, one epoch, evaluation, schedules, mixed precision, and
+the per-epoch history (CSV and curve)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,13 +16,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from specialists.errors import SpecialistsError
+from specialists.models import autocast_for
+from specialists.storage import save_figure
 from specialists.transforms import BatchTransform
 
 __all__ = [
-    "autocast_for",
     "build_optimizer",
     "cosine_with_warmup",
-    "predict_proba",
+    "history_csv",
+    "plot_history",
     "shuffled_batches",
     "train_one_epoch",
 ]
@@ -65,19 +70,6 @@ def cosine_with_warmup(
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_for(device: torch.device, amp: str) -> tuple[Callable[[], object], torch.dtype | None]:
-    """Autocast context factory and dtype: bf16 (or fp16) on CUDA, nothing on CPU."""
-    if device.type != "cuda" or amp == "off":
-        return nullcontext, None
-    if amp == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        if dtype is None:
-            raise SpecialistsError(f"--amp {amp}: expected auto, bf16, fp16 or off")
-    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
 
 
 def train_one_epoch(
@@ -142,34 +134,35 @@ def train_one_epoch(
     }
 
 
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module,
-    images: np.ndarray | torch.Tensor,
-    *,
-    transform: BatchTransform,
-    device: torch.device,
-    batch_size: int = 512,
-    amp: str = "auto",
-    desc: str = "predict",
-    progress: bool = False,
-) -> np.ndarray:
-    """Softmax probabilities (N, K) float32, in input order; deterministic on CPU."""
-    model.eval()
-    autocast, _ = autocast_for(device, amp)
-    images = torch.as_tensor(images)
-    out = []
-    for start in tqdm(
-        range(0, len(images), batch_size),
-        desc=desc,
-        leave=False,
-        disable=not progress,
-        unit="batch",
-    ):
-        x = transform(images[start : start + batch_size].to(device, non_blocking=True))
-        with autocast():
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy()
+def history_csv(rows: list[dict]) -> str:
+    """One CSV row per epoch, columns in the order of the first row's keys."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
+    """The training curve: train and validation accuracy and loss by epoch, best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [100 * r["train_acc"] for r in history], label="train (augmented)")
+    a1.plot(ep, [100 * r["val_acc"] for r in history], label="validation")
+    a1.set_ylabel("accuracy (%)")
+    a2.plot(ep, [r["train_loss"] for r in history], label="train (augmented)")
+    a2.plot(ep, [r["val_loss"] for r in history], label="validation")
+    a2.set_ylabel("cross-entropy")
+    for ax in (a1, a2):
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)

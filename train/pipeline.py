@@ -18,11 +18,12 @@ from specialists.sources import load_data
 from specialists.storage import load_json
 
 from ._job import cache_data
+from .distill import DistillConfig, run_distill
 from .generalist import GeneralistConfig, train_generalist
 from .launch import JobResult, run_jobs
 from .specialist import SpecialistConfig, specialist_job
 
-__all__ = ["DEMO_GENERALIST", "DEMO_SPECIALISTS", "run_demo", "train_specialists"]
+__all__ = ["DEMO_DISTILL", "DEMO_GENERALIST", "DEMO_SPECIALISTS", "run_demo", "train_specialists"]
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,16 @@ def train_specialists(
 # The demo: the whole pipeline on the embedded data, sized for a laptop's CPU (a few minutes).
 DEMO_GENERALIST = GeneralistConfig(data="embedded:n_classes=40,n_groups=8", epochs=30, patience=4)
 DEMO_SPECIALISTS = SpecialistConfig()
+DEMO_DISTILL = DistillConfig()
 
 
 def run_demo(
     out: str | Path, *, workers: int | None = None, progress: bool = True, say=print
 ) -> dict:
-    """generalist -> clusters -> specialists (in parallel) -> evaluation, each step skipped when
-    its output is already complete (so an interrupted demo resumes)."""
+    """generalist -> clusters -> specialists (in parallel) -> student -> evaluation, each step
+    skipped when its output is already complete (so an interrupted demo resumes)."""
     run = RunDir.of(out)
-    say(f"[1/4] generalist ({DEMO_GENERALIST.model} on {DEMO_GENERALIST.data})")
+    say(f"[1/5] generalist ({DEMO_GENERALIST.model} on {DEMO_GENERALIST.data})")
     if run.generalist_record.is_file():
         grec = generalist_record(run)
         say("      already trained")
@@ -100,15 +102,22 @@ def run_demo(
     say(
         f"      test accuracy {100 * m['test_accuracy']:.2f}% (best epoch {m['best_epoch']} of {m['epochs_run']}, {m['train_seconds']:.0f} s)"
     )
-    say("[2/4] confusion clusters")
+    say("[2/5] confusion clusters")
     report = load_json(run.clusters) if run.clusters.is_file() else cluster_run(run.root)
     say("      " + summarize_clusters(report).replace("\n", "\n      "))
-    say("[3/4] specialists, in parallel")
+    say("[3/5] specialists, in parallel")
     results = train_specialists(run.root, DEMO_SPECIALISTS, workers=workers, progress=progress)
     failed = [r for r in results if not r.ok]
     if failed:
         raise SpecialistsError(
             f"specialist {failed[0].job.id} failed: {failed[0].error} (rerun the demo to retry)"
         )
-    say("[4/4] evaluation on the test split")
+    say("[4/5] the ensemble distilled into one student")
+    results = run_distill(run.root, DEMO_DISTILL, workers=workers, progress=progress)
+    if not results[0].ok:
+        raise SpecialistsError(
+            f"distillation failed: {results[0].error} (rerun the demo to resume)"
+        )
+    say("      " + results[0].record.describe())
+    say("[5/5] evaluation on the test split")
     return evaluate_run(run.root)

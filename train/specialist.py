@@ -20,7 +20,7 @@ from torch import nn
 
 from specialists.dustbin import build_specialist, group_hash, prior_offsets, project_to_group
 from specialists.errors import SpecialistsError
-from specialists.models import get_classifier
+from specialists.models import get_classifier, predict_proba
 from specialists.records import SpecialistRecord
 from specialists.run import RunDir
 from specialists.storage import load_npy
@@ -28,7 +28,7 @@ from specialists.storage import load_npy
 from ._faults import maybe_die
 from ._job import save_artifact, start_job
 from .launch import Job
-from .loop import build_optimizer, cosine_with_warmup, predict_proba, train_one_epoch
+from .loop import build_optimizer, cosine_with_warmup, train_one_epoch
 
 __all__ = [
     "EnrichedBatchSampler",

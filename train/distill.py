@@ -1,0 +1,416 @@
+"""Distillation: one student trained on a teacher's combined distribution plus the hard labels.
+
+The teacher is the calibrated ensemble (its q, the optimum of the KL combiner, with the run's own
+gating and weights), or for the controls the generalist alone (self-distillation) or the ensemble
+of the random groups. The student minimises, per labelled example,
+
+    (1 - a) CE(y, s) + a T^2 KL(q_T || s_T),
+
+q_T being q^(1/T) renormalised and s_T the student's softmax at temperature T; images without
+labels (``transfer``) contribute the soft term alone. An ``online`` teacher runs on the very batch
+the student sees, augmentation included; a ``cached`` one scores the un-augmented images once.
+
+Each student is one job of the launcher (local or Ray): it resumes after a kill from its last
+finished epoch and writes its weights, then its record, into ``RUN/student/`` (or a control's
+folder), with ``history.csv`` and ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specialists import manifest
+from specialists.artifacts import generalist_record, load_specialists
+from specialists.ensemble import Ensemble
+from specialists.errors import SpecialistsError
+from specialists.models import (
+    apply_checkpoint,
+    create_model,
+    load_checkpoint_weights,
+    predict_proba,
+)
+from specialists.records import StudentRecord
+from specialists.run import RunDir
+from specialists.sources import load_unlabelled
+from specialists.storage import atomic_write_text, file_sha256, load_npy, save_npy
+
+from ._faults import maybe_die
+from ._job import JobContext, save_artifact, start_job
+from ._state import checkpoint, resume
+from .launch import Job, JobResult, run_jobs
+from .loop import (
+    build_optimizer,
+    cosine_with_warmup,
+    history_csv,
+    plot_history,
+    shuffled_batches,
+    train_one_epoch,
+)
+
+__all__ = ["TEACHERS", "DistillConfig", "distill_job", "distill_loss", "run_distill", "soften"]
+
+log = logging.getLogger(__name__)
+
+# A teacher's name -> the folder of the ensemble it combines (None: the run's own; "" for the
+# generalist alone, which needs no ensemble) and the folder its student is written to.
+TEACHERS: dict[str, tuple[str | None, str]] = {
+    "ensemble": (None, RunDir.STUDENT),
+    "generalist": ("", RunDir.SELF_STUDENT_CONTROL),
+    "random groups": (RunDir.RANDOM_CONTROL, RunDir.RANDOM_STUDENT_CONTROL),
+}
+
+
+@dataclass
+class DistillConfig:
+    """How a student is distilled (written into its record)."""
+
+    model: str | None = None  # any timm name; default the generalist's architecture
+    # generalist (its weights; needs its architecture), random, or a checkpoint's path;
+    # default: generalist when the architectures match, else random
+    init: str | None = None
+    teacher_mode: str = "online"  # online | cached
+    temperature: float = 2.0
+    alpha: float = 0.9  # weight of the soft term; 1 - alpha on the hard labels
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    transfer: str | None = None  # a data source or a folder of images, used without labels
+    seed: int = 0
+    amp: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.teacher_mode not in ("online", "cached"):
+            raise ValueError(f"teacher must be online or cached, got {self.teacher_mode!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def soften(q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of q^(1/T), renormalised over the classes (B, K); exact zeros stay -inf."""
+    logq = torch.log(q.double().clamp_min(0.0)) / temperature
+    return (logq - torch.logsumexp(logq, dim=1, keepdim=True)).float()
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    q: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Mean over the batch of (1 - a) CE(y, s) + a T^2 KL(q_T || s_T); rows labelled -1 (images
+    without labels) take the soft term alone."""
+    log_qt = soften(q, temperature)  # (B, K)
+    log_st = F.log_softmax(logits.float() / temperature, dim=1)  # (B, K)
+    qt = log_qt.exp()
+    kl = torch.where(qt > 0, qt * (log_qt - log_st), torch.zeros_like(qt)).sum(1)  # (B,)
+    loss = alpha * temperature**2 * kl
+    labelled = labels >= 0
+    if alpha < 1 and bool(labelled.any()):
+        ce = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none")
+        loss = loss + (1 - alpha) * torch.where(labelled, ce, torch.zeros_like(ce))
+    return loss.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The driver: checks, teacher identities, jobs
+
+
+def _teacher_sha256(run: RunDir, teacher: str, generalist_sha: str) -> str:
+    """Identity of a teacher: the generalist, plus the groups, specialists and combination of
+    its ensemble. A student counts as done only for the same teacher."""
+    variant, _ = TEACHERS[teacher]
+    parts: dict = {"generalist": generalist_sha}
+    if variant != "":
+        paths = run.ensemble(variant)
+        if not paths.combination.is_file():
+            raise SpecialistsError(
+                f"{paths.combination}: no calibrated ensemble to distil "
+                f"(run `specialists train {run.root}`{' and `specialists controls`' if variant else ''} first)"
+            )
+        manifest.verify(run.root, paths.combination)
+        records = load_specialists(run, generalist_record(run), variant=variant or None)
+        parts.update(
+            combination=file_sha256(paths.combination),
+            groups=file_sha256(paths.clusters),
+            specialists=[r.weights_sha256 for r in records],
+        )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _check_student(run: RunDir, cfg: DistillConfig) -> str:
+    """Fail before any training on a student that cannot be built; return its architecture."""
+    grec = generalist_record(run)
+    arch = cfg.model or grec.architecture
+    if not timm.is_model(arch):
+        create_model(arch, 2)  # the clear "unknown timm model" error
+    init = cfg.init or ("generalist" if arch == grec.architecture else "random")
+    if init == "generalist" and arch != grec.architecture:
+        raise SpecialistsError(
+            f"--init generalist: the student is a {arch}, the generalist a {grec.architecture} "
+            "(use --init random or a checkpoint of the student's architecture)"
+        )
+    if init not in ("generalist", "random"):
+        model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
+        apply_checkpoint(model, load_checkpoint_weights(init), init)
+    return arch
+
+
+def _cache_transfer(run: RunDir, cfg: DistillConfig) -> None:
+    """Read the transfer images once, in the driver (a bad folder is one line here, not a failed
+    job), into the run's cache at the generalist's image size."""
+    if cfg.transfer is None:
+        return
+    path = run.transfer_cache(cfg.transfer)
+    if path.is_file():
+        return
+    grec = generalist_record(run)
+    size = int(np.load(run.cache_images("train"), mmap_mode="r").shape[1])
+    images = load_unlabelled(cfg.transfer, size=size, channels=grec.in_chans, seed=cfg.seed)
+    log.info("%d transfer images from %s, used without labels", len(images), cfg.transfer)
+    save_npy(path, images)
+
+
+def distill_job(run: RunDir, teacher: str, generalist_sha: str) -> Job:
+    """The launcher's job that distils the student of ``teacher`` (a key of ``TEACHERS``)."""
+    _, out = TEACHERS[teacher]
+    identity = {"teacher": teacher, "teacher_sha256": _teacher_sha256(run, teacher, generalist_sha)}
+    return Job(0, out, distill_task, StudentRecord, inputs=identity, identity=identity)
+
+
+def run_distill(
+    run_dir: str | Path,
+    cfg: DistillConfig | None = None,
+    *,
+    controls: bool = False,
+    workers: int | None = None,
+    backend: str = "local",
+    device: str = "auto",
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> list[JobResult]:
+    """Distil the run's calibrated ensemble into one student (only if it is missing or stale);
+    with ``controls``, also the self-distilled student of the generalist alone and, where the
+    run has the random-groups control, the student of that ensemble."""
+    cfg = cfg or DistillConfig()
+    run = RunDir.of(run_dir)
+    run.require_generalist()
+    grec = generalist_record(run)
+    if not run.cache_labels("val").is_file():
+        raise SpecialistsError(
+            f"{run.root}: no specialists trained in this run (run `specialists train {run.root}` first)"
+        )
+    _check_student(run, cfg)
+    teachers = ["ensemble"]
+    if controls:
+        teachers.append("generalist")
+        if run.ensemble(RunDir.RANDOM_CONTROL).combination.is_file():
+            teachers.append("random groups")
+    jobs = [distill_job(run, t, grec.weights_sha256) for t in teachers]
+    _cache_transfer(run, cfg)
+    return run_jobs(
+        run,
+        jobs,
+        cfg=cfg,
+        generalist_sha=grec.weights_sha256,
+        backend=backend,
+        workers=workers,
+        device=device,
+        ray_address=ray_address,
+        progress=progress,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The job: one student
+
+
+def _teacher(ctx: JobContext, teacher: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """q (B, K) of ``teacher`` for a transformed batch."""
+    variant, _ = TEACHERS[teacher]
+    if variant == "":
+        generalist = ctx.generalist
+
+        @torch.no_grad()
+        def generalist_q(x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(generalist(x).float(), 1)
+
+        return generalist_q
+    ensemble = Ensemble.load(ctx.run.root, str(ctx.device), variant=variant)
+    return lambda x: ensemble.combine_transformed(x)[0]
+
+
+def _student_model(ctx: JobContext, cfg: DistillConfig) -> nn.Module:
+    grec = ctx.record
+    arch = cfg.model or grec.architecture
+    init = cfg.init or ("generalist" if arch == grec.architecture else "random")
+    if init == "generalist":
+        model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
+        model.load_state_dict(ctx.generalist.state_dict())
+        return model.to(ctx.device)
+    torch.manual_seed(cfg.seed)
+    model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
+    if init != "random":
+        apply_checkpoint(model, load_checkpoint_weights(init), init)
+    return model.to(ctx.device)
+
+
+@torch.no_grad()
+def _teacher_q(
+    teach: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, ctx: JobContext
+) -> np.ndarray:
+    """The teacher's q (N, K) float32 on un-augmented images, in batches."""
+    out = []
+    for start in range(0, len(images), 512):
+        x = torch.from_numpy(np.array(images[start : start + 512])).to(ctx.device)
+        out.append(teach(ctx.eval_transform(x)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def distill_task(
+    run_root: str, job: Job, cfg: DistillConfig, *, device: str, threads: int | None
+) -> StudentRecord:
+    """Distil the student of ``job.inputs["teacher"]`` into ``RUN/<job.out>/``."""
+    teacher_name = job.inputs["teacher"]
+    ctx = start_job(run_root, device=device, threads=threads)
+    run, dev, grec = ctx.run, ctx.device, ctx.record
+    paths = run.student(job.out)
+    teach = _teacher(ctx, teacher_name)
+
+    images = np.array(ctx.train_images)  # a private, writable copy of the memory map
+    labels = ctx.train_labels.astype(np.int64)
+    if cfg.transfer is not None:
+        extra = load_npy(run.transfer_cache(cfg.transfer))
+        images = np.concatenate([images, extra])
+        labels = np.concatenate([labels, np.full(len(extra), -1, dtype=np.int64)])
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    val_images = np.array(ctx.val_images)
+    q_val = _teacher_q(teach, val_images, ctx)
+    teacher_val_acc = float((q_val.argmax(1) == ctx.val_labels).mean())
+
+    q_cached = None
+    if cfg.teacher_mode == "cached":
+        q_cached = torch.from_numpy(_teacher_q(teach, images, ctx))
+
+    model = _student_model(ctx, cfg)
+    steps_per_epoch = max(1, len(labels) // cfg.batch_size)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = cosine_with_warmup(
+        optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    )
+    batch_index: dict[str, torch.Tensor] = {}
+
+    def targets(idx: np.ndarray) -> torch.Tensor:
+        batch_index["idx"] = torch.from_numpy(np.asarray(idx))  # the cached teacher's rows
+        return labels_t[batch_index["idx"]]
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # online: the teacher sees the student's own augmented batch
+        q = teach(x) if q_cached is None else q_cached[batch_index["idx"]].to(logits.device)
+        return distill_loss(logits, q, y, temperature=cfg.temperature, alpha=cfg.alpha)
+
+    key = {"config": asdict(cfg), "teacher_sha256": job.inputs["teacher_sha256"]}
+    state = resume(paths.resume_dir, key, model, optimizer, scheduler, other_key="restart")
+    history, start_epoch = state.history, state.epoch
+    if start_epoch:
+        log.warning("resuming the student in %s from epoch %d", paths.base, start_epoch)
+
+    predict = {"transform": ctx.eval_transform, "device": dev, "amp": cfg.amp}
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seeds: a resumed run is identical
+        batches = shuffled_batches(
+            len(labels), cfg.batch_size, np.random.default_rng([cfg.seed, epoch, 7])
+        )
+        stats = train_one_epoch(
+            model,
+            images_t,
+            batches=batches,
+            targets=targets,
+            transform=ctx.train_transform,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            device=dev,
+            amp=cfg.amp,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+            desc=f"student epoch {epoch + 1}",
+            progress=False,
+        )
+        maybe_die("student", epoch + 1)
+        probs = predict_proba(model, val_images, **predict)
+        val_acc = float((probs.argmax(1) == ctx.val_labels).mean())
+        picked = probs[np.arange(len(probs)), ctx.val_labels]
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": round(stats["train_loss"], 5),
+                "train_acc": round(stats["train_acc"], 5),
+                "val_loss": round(float(-np.log(np.maximum(picked, 1e-12)).mean()), 5),
+                "val_acc": round(val_acc, 5),
+                "val_agreement": round(float((probs.argmax(1) == q_val.argmax(1)).mean()), 5),
+                "images_per_second": round(stats["images_per_second"], 1),
+            }
+        )
+        state.epoch = epoch + 1
+        state.offer(val_acc, model)
+        checkpoint(paths.resume_dir, key, state, model, optimizer, scheduler)
+
+    best = state.best
+    assert state.best_model is not None
+    model.load_state_dict(state.best_model)
+    atomic_write_text(paths.history, history_csv(history))
+    plot_history(history, best["epoch"], paths.curve)
+    best_row = history[best["epoch"] - 1]
+    metrics = {
+        "val_acc": best["val_acc"],
+        "val_agreement": best_row["val_agreement"],
+        "teacher_val_acc": teacher_val_acc,
+        "generalist_val_acc": grec.metrics["val_accuracy"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "n_train": int((labels >= 0).sum()),
+        "n_transfer": int((labels < 0).sum()),
+        "seconds": ctx.seconds(),
+    }
+    record = save_artifact(
+        paths.files,
+        model,
+        metadata={"architecture": cfg.model or grec.architecture},
+        make_record=lambda weights_sha256: StudentRecord(
+            id=job.id,
+            architecture=cfg.model or grec.architecture,
+            n_classes=grec.n_classes,
+            teacher=teacher_name,
+            teacher_sha256=job.inputs["teacher_sha256"],
+            generalist_sha256=grec.weights_sha256,
+            config=asdict(cfg),
+            metrics=metrics,
+            history=history,
+            weights_sha256=weights_sha256,
+        ),
+    )
+    shutil.rmtree(paths.resume_dir, ignore_errors=True)
+    return record
