@@ -1,4 +1,5 @@
-"""Throughput of the ensemble relative to its generalist (top-n gating), measured in one run.
+"""Throughput of the ensemble, and of the distilled student where the run has one, relative to
+the generalist (top-n gating), measured in one run.
 
     python benchmarks/bench_ensemble.py [RUN] [--top-n 1] [--images 4096]
 
@@ -11,12 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
+from specialists.artifacts import load_student
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
+from specialists.models import predict_proba
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import save_json
@@ -32,6 +36,14 @@ def quick_run(root: Path, model: str) -> Path:
     save_json(RunDir.of(run).clusters, {"groups": [{"classes": g} for g in groups]})
     train_specialists(run, SpecialistConfig(epochs=1, examples_per_epoch=128), progress=False)
     return run
+
+
+def _images_per_second(predict, images: np.ndarray, repeats: int) -> float:
+    predict(images[:512])  # warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predict(images)
+    return repeats * len(images) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -59,6 +71,18 @@ def main() -> None:
         print(
             f"generalist: {g:.0f} images/s; ensemble: {e:.0f} images/s; ensemble / generalist = {e / g:.2f}"
         )
+        if RunDir.of(run).student().files.record.is_file():
+            model, record, transform = load_student(run, ens.device)
+
+            def student(x: np.ndarray) -> np.ndarray:
+                return predict_proba(model, x, transform=transform, device=ens.device)
+
+            g2 = _images_per_second(ens.generalist_proba, images, args.repeats)
+            s = _images_per_second(student, images, args.repeats)
+            print(
+                f"student ({record.architecture}): {s:.0f} images/s; generalist (measured again "
+                f"just before): {g2:.0f} images/s; student / generalist = {s / g2:.2f}"
+            )
 
 
 if __name__ == "__main__":

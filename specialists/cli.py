@@ -437,15 +437,15 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         "--teacher",
         dest="teacher_mode",
         choices=["online", "cached"],
-        help="online: the ensemble scores the student's own augmented batch (default); "
-        "cached: its outputs on the un-augmented images, computed once",
+        help="cached: the ensemble's outputs on the un-augmented images, computed once (default); "
+        "online: it scores the student's own augmented batch",
     )
     p.add_argument("--temperature", type=float, help="T of the soft targets (default 2)")
     p.add_argument(
         "--alpha", type=float, help="weight of the soft term, 1 - alpha on the labels (default 0.9)"
     )
-    p.add_argument("--epochs", type=int, help="passes over the training images (default 20)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--epochs", type=int, help="passes over the training images (default 50)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--batch-size", type=int)
     p.add_argument(
         "--transfer",

@@ -179,7 +179,11 @@ def student_rows(
     for subdir, name in STUDENTS:
         if not ens.run.student(subdir).files.record.is_file():
             continue
-        model, record, transform = load_student(ens.run, ens.device, subdir=subdir)
+        try:
+            model, record, transform = load_student(ens.run, ens.device, subdir=subdir)
+        except SpecialistsError as e:  # a stale student must not stop the ensemble's evaluation
+            log.warning("%s; its row is left out", e)
+            continue
 
         def predict(x: np.ndarray, model=model, transform=transform) -> np.ndarray:
             return predict_proba(model, x, transform=transform, device=ens.device)

@@ -15,7 +15,8 @@ RUN/
   controls/random/            clusters.json, specialists/, ensemble.json of the random groups
   controls/extra/, controls/plain/   the fine-tuned copies (NNN.safetensors, NNN.json)
   student/                    the distilled student: 000.safetensors, 000.json, history.csv,
-                              curve.png (resume/ while training, teacher_q.npy for a cached teacher)
+                              curve.png (resume/ while training)
+  cache/transfer_*.npy        images without labels a student learns from (--transfer)
   controls/student-self/, controls/student-random/   the distillation controls' students
 """
 
@@ -108,10 +109,6 @@ class StudentPaths:
     @property
     def resume_dir(self) -> Path:
         return self.base / "resume"
-
-    @property
-    def teacher_cache(self) -> Path:
-        return self.base / "teacher_q.npy"
 
 
 @dataclass(frozen=True)

@@ -139,12 +139,26 @@ def test_the_online_teacher_sees_the_students_own_augmented_batch(
     monkeypatch.setattr(distill_module, "_student_model", spying_model)
     sha = generalist_record(RunDir.of(out)).weights_sha256
     job = distill_module.distill_job(RunDir.of(out), "ensemble", sha)
-    cfg = DistillConfig(epochs=1, batch_size=32)
+    cfg = DistillConfig(epochs=1, batch_size=32, teacher_mode="online")
     distill_module.distill_task(str(out), job, cfg, device="cpu", threads=1)
     train_batches = [x for x in seen["teacher"] if len(x) == 32]  # the val scoring uses 512
     assert len(train_batches) == len(seen["student"]) > 0
     for a, b in zip(train_batches, seen["student"]):
         assert torch.equal(a, b)
+
+
+def test_transfer_images_without_labels_join_the_training(trained_run, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    folder = tmp_path / "unlabelled" / "nested"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(load_data(TINY_DATA).test.images[:20]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    cfg = DistillConfig(epochs=1, batch_size=32, init="random", transfer=str(folder.parent))
+    (result,) = run_distill(out, cfg, workers=1, progress=False)
+    assert result.ok, result.error
+    assert result.record.metrics["n_transfer"] == 20
+    assert RunDir.of(out).transfer_cache(str(folder.parent)).is_file()
 
 
 @pytest.mark.slow

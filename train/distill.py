@@ -7,8 +7,9 @@ of the random groups. The student minimises, per labelled example,
     (1 - a) CE(y, s) + a T^2 KL(q_T || s_T),
 
 q_T being q^(1/T) renormalised and s_T the student's softmax at temperature T; images without
-labels (``transfer``) contribute the soft term alone. An ``online`` teacher runs on the very batch
-the student sees, augmentation included; a ``cached`` one scores the un-augmented images once.
+labels (``transfer``) contribute the soft term alone. A ``cached`` teacher (the default) scores
+the un-augmented images once; an ``online`` one runs on the very batch the student sees,
+augmentation included.
 
 Each student is one job of the launcher (local or Ray): it resumes after a kill from its last
 finished epoch and writes its weights, then its record, into ``RUN/student/`` (or a control's
@@ -80,13 +81,15 @@ class DistillConfig:
     # generalist (its weights; needs its architecture), random, or a checkpoint's path;
     # default: generalist when the architectures match, else random
     init: str | None = None
-    teacher_mode: str = "online"  # online | cached
+    # cached: the teacher scores the un-augmented images once; online: every augmented batch.
+    # Cached won on the demo (docs/results.md, "Distillation") and costs a fraction of online.
+    teacher_mode: str = "cached"
     temperature: float = 2.0
     alpha: float = 0.9  # weight of the soft term; 1 - alpha on the hard labels
-    epochs: int = 20
+    epochs: int = 50
     batch_size: int = 128
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     transfer: str | None = None  # a data source or a folder of images, used without labels

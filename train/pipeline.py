@@ -118,6 +118,5 @@ def run_demo(
         raise SpecialistsError(
             f"distillation failed: {results[0].error} (rerun the demo to resume)"
         )
-    say("      " + results[0].record.describe())
     say("[5/5] evaluation on the test split")
     return evaluate_run(run.root)
