@@ -2,9 +2,11 @@
 
     python benchmarks/real_data.py configs/fashion-mnist.yaml --seeds 0 1 2
     python benchmarks/real_data.py configs/omniglot.yaml --seeds 0 1 2 --controls
+    python benchmarks/real_data.py configs/omniglot.yaml --seeds 0 1 2 --distill
 
 The config names the dataset and the settings of each stage (``generalist``, ``cluster``,
-``specialists``); every stage left out uses the framework's defaults. Each seed gets its own run
+``specialists``, ``distill``); every stage left out uses the framework's defaults. ``--distill``
+adds the ensemble's student and the self-distilled generalist, and a second table. Each seed gets its own run
 directory under ``--out`` (default ``runs/<config name>``); a stage whose output is already
 complete is skipped, so an interrupted benchmark resumes where it stopped. The data are read from
 ``--data-root`` (default ``../shared/data``); nothing is downloaded.
@@ -31,6 +33,7 @@ from specialists.evaluate import evaluate_run  # noqa: E402
 from specialists.grouping import ClusterConfig, cluster_run  # noqa: E402
 from specialists.run import RunDir  # noqa: E402
 from specialists.storage import load_json  # noqa: E402
+from specialists.train.distill import DistillConfig, run_distill  # noqa: E402
 from specialists.train.generalist import GeneralistConfig, train_generalist  # noqa: E402
 from specialists.train.pipeline import train_specialists  # noqa: E402
 from specialists.train.specialist import SpecialistConfig  # noqa: E402
@@ -40,10 +43,10 @@ log = logging.getLogger("benchmarks.real_data")
 
 def load_experiment(path: Path) -> dict:
     cfg = load_config_file(path)
-    unknown = set(cfg) - {"dataset", "generalist", "cluster", "specialists"}
+    unknown = set(cfg) - {"dataset", "generalist", "cluster", "specialists", "distill"}
     if unknown or "dataset" not in cfg:
         raise SpecialistsError(
-            f"{path}: expected keys dataset, generalist, cluster, specialists"
+            f"{path}: expected keys dataset, generalist, cluster, specialists, distill"
             + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
         )
     return cfg
@@ -86,6 +89,46 @@ def run_seed(cfg: dict, seed: int, out: Path, data_root: Path, workers: int | No
     m["specialist_train_seconds"] = round(sum(s["metrics"]["seconds"] for s in specs), 1)
     m["group_sizes"] = [len(s["classes"]) for s in specs]
     return m
+
+
+def distill_seed(cfg: dict, seed: int, out: Path, workers: int | None) -> dict:
+    """The ensemble's student and the self-distilled control, then the evaluation with their rows."""
+    t = time.perf_counter()
+    dcfg = DistillConfig(**{**cfg.get("distill", {}), "seed": seed})
+    results = run_distill(out, dcfg, controls=True, workers=workers, progress=False)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise SpecialistsError(f"{out}: student {failed[0].job.out} failed: {failed[0].error}")
+    m = evaluate_run(out)
+    m["distill_s"] = round(time.perf_counter() - t, 1)
+    m["student_train_seconds"] = {r.job.out: r.record.metrics["seconds"] for r in results}
+    return m
+
+
+def student_table(rows: list[dict]) -> str:
+    """Generalist, ensemble, its student and the self-distilled control, per seed."""
+    head = (
+        f"{'seed':>6s} {'generalist':>11s} {'ensemble':>9s} {'red.':>7s} {'student':>9s} "
+        f"{'red.':>7s} {'kept':>6s} {'self-dist.':>11s} {'red.':>7s} {'speed':>6s} {'distill time':>13s}"
+    )
+    lines = [head, "-" * len(head)]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    for m in rows:
+        by = {s["name"]: s for s in m.get("students", [])}
+        st = by.get("student (distilled ensemble)", {})
+        sd = by.get("self-distilled generalist", {})
+        red, s_red = m["relative_error_reduction"], st.get("relative_error_reduction")
+        kept = f"{s_red / red:.0%}" if red and s_red is not None else "-"
+        lines.append(
+            f"{m['seed']:>6d} {pct(m['generalist_accuracy']):>11s} {pct(m['ensemble_accuracy']):>9s} "
+            f"{pct(red):>7s} {pct(st.get('accuracy')):>9s} {pct(s_red):>7s} {kept:>6s} "
+            f"{pct(sd.get('accuracy')):>11s} {pct(sd.get('relative_error_reduction')):>7s} "
+            f"{st.get('throughput_ratio', 0):>5.2f}x {m.get('distill_s', 0):>12.0f}s"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -133,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--workers", type=int, help="parallel specialist workers (default: automatic)")
     p.add_argument("--controls", action="store_true", help="also train and score the controls")
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="also distil the ensemble and the generalist alone (the control) into students",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -148,12 +196,22 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_controls(out / f"seed{seed}", workers=args.workers, seed=seed, progress=False)
                 m.update(evaluate_controls(out / f"seed{seed}"))
+            if args.distill:
+                distilled = distill_seed(cfg, seed, out / f"seed{seed}", args.workers)
+                m.update(
+                    {k: distilled[k] for k in ("students", "distill_s", "student_train_seconds")}
+                )
             rows.append(m)
             log.info("\n%s", table(rows))
+            if args.distill:
+                log.info("\n%s", student_table(rows))
         summary = out / "summary.json"
         summary.write_text(json.dumps(rows, indent=1, default=str))
         print(f"\n{args.config.stem}: {len(rows)} seed(s); runs in {out}\n")
         print(table(rows))
+        if args.distill:
+            print()
+            print(student_table(rows))
     except SpecialistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
