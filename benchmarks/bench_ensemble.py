@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from specialists.artifacts import load_student
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
+from specialists.evaluate import images_per_second
 from specialists.models import predict_proba
 from specialists.run import RunDir
 from specialists.sources import load_data
@@ -36,14 +36,6 @@ def quick_run(root: Path, model: str) -> Path:
     save_json(RunDir.of(run).clusters, {"groups": [{"classes": g} for g in groups]})
     train_specialists(run, SpecialistConfig(epochs=1, examples_per_epoch=128), progress=False)
     return run
-
-
-def _images_per_second(predict, images: np.ndarray, repeats: int) -> float:
-    predict(images[:512])  # warm up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        predict(images)
-    return repeats * len(images) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -77,8 +69,8 @@ def main() -> None:
             def student(x: np.ndarray) -> np.ndarray:
                 return predict_proba(model, x, transform=transform, device=ens.device)
 
-            g2 = _images_per_second(ens.generalist_proba, images, args.repeats)
-            s = _images_per_second(student, images, args.repeats)
+            g2 = images_per_second(ens.generalist_proba, images, args.repeats)
+            s = images_per_second(student, images, args.repeats)
             print(
                 f"student ({record.architecture}): {s:.0f} images/s; generalist (measured again "
                 f"just before): {g2:.0f} images/s; student / generalist = {s / g2:.2f}"

@@ -354,18 +354,16 @@ def _predict(args: argparse.Namespace) -> int:
         ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
         images = read_images(args.images, ens.record.input_size, ens.record.in_chans)
         out = ens.run_batch(images)
-        probs, notes = (
-            out.q,
-            [
-                "consulted specialist(s): "
-                + (", ".join(f"#{i}" for i in c) if c else "none (generalist only)")
-                for c in out.consulted
-            ],
-        )
+        probs, names = out.q, ens.record.class_names
+        notes = [
+            "consulted specialist(s): "
+            + (", ".join(f"#{i}" for i in c) if c else "none (generalist only)")
+            for c in out.consulted
+        ]
     else:
         device = resolve_device(args.device)
-        grec = generalist_record(run)
         if args.model == "student":
+            grec = generalist_record(run)
             model, _, transform = load_student(run, device)
         else:
             model, grec = load_generalist(run, device)
@@ -373,7 +371,7 @@ def _predict(args: argparse.Namespace) -> int:
         images = read_images(args.images, grec.input_size, grec.in_chans)
         probs = predict_proba(model, images, transform=transform, device=device)
         notes = [args.model] * len(images)
-    names = generalist_record(run).class_names
+        names = grec.class_names
     for path, q, note in zip(args.images, probs, notes):
         top = np.argsort(-q)[: args.top_k]
         print(f"{path}  [{note}]")

@@ -19,7 +19,14 @@ from .sources import load_data, parse_source
 from .storage import save_figure, save_json
 from .transforms import resize_images
 
-__all__ = ["ensemble_metrics", "evaluate_run", "format_metrics", "plot_coverage", "student_rows"]
+__all__ = [
+    "ensemble_metrics",
+    "evaluate_run",
+    "format_metrics",
+    "images_per_second",
+    "plot_coverage",
+    "student_rows",
+]
 
 # The students a run may hold: (folder, the row's name).
 STUDENTS = (
@@ -160,11 +167,13 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _images_per_second(predict, images: np.ndarray) -> float:
-    predict(images[:256])  # warm up
+def images_per_second(predict, images: np.ndarray, repeats: int = 1) -> float:
+    """Throughput of ``predict`` (uint8 images -> probabilities) on ``images``, after a warm-up."""
+    predict(images[:256])
     start = time.perf_counter()
-    predict(images)
-    return len(images) / (time.perf_counter() - start)
+    for _ in range(repeats):
+        predict(images)
+    return repeats * len(images) / (time.perf_counter() - start)
 
 
 def student_rows(
@@ -189,8 +198,8 @@ def student_rows(
             return predict_proba(model, x, transform=transform, device=ens.device)
 
         m = ensemble_metrics(p_g, predict(images), labels, groups)
-        generalist_ips = _images_per_second(ens.generalist_proba, timed)
-        student_ips = _images_per_second(predict, timed)
+        generalist_ips = images_per_second(ens.generalist_proba, timed)
+        student_ips = images_per_second(predict, timed)
         rows.append(
             {
                 "name": name,

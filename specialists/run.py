@@ -90,11 +90,6 @@ class StudentPaths:
     base: Path
 
     @property
-    def subdir(self) -> str:
-        """The student's folder relative to the run (what its job names as its output)."""
-        return self.base.relative_to(self.run_root).as_posix()
-
-    @property
     def files(self) -> ArtifactPaths:
         return _artifact(self.base, 0)
 

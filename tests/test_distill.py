@@ -137,8 +137,7 @@ def test_the_online_teacher_sees_the_students_own_augmented_batch(
 
     monkeypatch.setattr(distill_module, "_teacher", spying_teacher)
     monkeypatch.setattr(distill_module, "_student_model", spying_model)
-    sha = generalist_record(RunDir.of(out)).weights_sha256
-    job = distill_module.distill_job(RunDir.of(out), "ensemble", sha)
+    job = distill_module.distill_job(RunDir.of(out), "ensemble", generalist_record(RunDir.of(out)))
     cfg = DistillConfig(epochs=1, batch_size=32, teacher_mode="online")
     distill_module.distill_task(str(out), job, cfg, device="cpu", threads=1)
     train_batches = [x for x in seen["teacher"] if len(x) == 32]  # the val scoring uses 512

@@ -42,10 +42,10 @@ from specialists.models import (
     load_checkpoint_weights,
     predict_proba,
 )
-from specialists.records import StudentRecord
+from specialists.records import GeneralistRecord, StudentRecord
 from specialists.run import RunDir
 from specialists.sources import load_unlabelled
-from specialists.storage import atomic_write_text, file_sha256, load_npy, save_npy
+from specialists.storage import atomic_write_text, load_npy, save_npy
 
 from ._faults import maybe_die
 from ._job import JobContext, save_artifact, start_job
@@ -141,11 +141,11 @@ def distill_loss(
 # The driver: checks, teacher identities, jobs
 
 
-def _teacher_sha256(run: RunDir, teacher: str, generalist_sha: str) -> str:
+def _teacher_sha256(run: RunDir, teacher: str, grec: GeneralistRecord) -> str:
     """Identity of a teacher: the generalist, plus the groups, specialists and combination of
     its ensemble. A student counts as done only for the same teacher."""
     variant, _ = TEACHERS[teacher]
-    parts: dict = {"generalist": generalist_sha}
+    parts: dict = {"generalist": grec.weights_sha256}
     if variant != "":
         paths = run.ensemble(variant)
         if not paths.combination.is_file():
@@ -153,23 +153,27 @@ def _teacher_sha256(run: RunDir, teacher: str, generalist_sha: str) -> str:
                 f"{paths.combination}: no calibrated ensemble to distil "
                 f"(run `specialists train {run.root}`{' and `specialists controls`' if variant else ''} first)"
             )
-        manifest.verify(run.root, paths.combination)
-        records = load_specialists(run, generalist_record(run), variant=variant or None)
+        records = load_specialists(run, grec, variant=variant or None)
         parts.update(
-            combination=file_sha256(paths.combination),
-            groups=file_sha256(paths.clusters),
+            combination=manifest.checked_sha256(run.root, paths.combination),
+            groups=manifest.checked_sha256(run.root, paths.clusters),
             specialists=[r.weights_sha256 for r in records],
         )
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _check_student(run: RunDir, cfg: DistillConfig) -> str:
-    """Fail before any training on a student that cannot be built; return its architecture."""
-    grec = generalist_record(run)
+def _student_kind(cfg: DistillConfig, grec: GeneralistRecord) -> tuple[str, str]:
+    """(architecture, init) of the student: the generalist's architecture by default, started
+    from the generalist's weights when it has that architecture, else from random weights."""
     arch = cfg.model or grec.architecture
+    return arch, cfg.init or ("generalist" if arch == grec.architecture else "random")
+
+
+def _check_student(cfg: DistillConfig, grec: GeneralistRecord) -> None:
+    """Fail before any training on a student that cannot be built."""
+    arch, init = _student_kind(cfg, grec)
     if not timm.is_model(arch):
         create_model(arch, 2)  # the clear "unknown timm model" error
-    init = cfg.init or ("generalist" if arch == grec.architecture else "random")
     if init == "generalist" and arch != grec.architecture:
         raise SpecialistsError(
             f"--init generalist: the student is a {arch}, the generalist a {grec.architecture} "
@@ -178,10 +182,9 @@ def _check_student(run: RunDir, cfg: DistillConfig) -> str:
     if init not in ("generalist", "random"):
         model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
         apply_checkpoint(model, load_checkpoint_weights(init), init)
-    return arch
 
 
-def _cache_transfer(run: RunDir, cfg: DistillConfig) -> None:
+def _cache_transfer(run: RunDir, cfg: DistillConfig, grec: GeneralistRecord) -> None:
     """Read the transfer images once, in the driver (a bad folder is one line here, not a failed
     job), into the run's cache at the generalist's image size."""
     if cfg.transfer is None:
@@ -189,17 +192,16 @@ def _cache_transfer(run: RunDir, cfg: DistillConfig) -> None:
     path = run.transfer_cache(cfg.transfer)
     if path.is_file():
         return
-    grec = generalist_record(run)
     size = int(np.load(run.cache_images("train"), mmap_mode="r").shape[1])
     images = load_unlabelled(cfg.transfer, size=size, channels=grec.in_chans, seed=cfg.seed)
     log.info("%d transfer images from %s, used without labels", len(images), cfg.transfer)
     save_npy(path, images)
 
 
-def distill_job(run: RunDir, teacher: str, generalist_sha: str) -> Job:
+def distill_job(run: RunDir, teacher: str, grec: GeneralistRecord) -> Job:
     """The launcher's job that distils the student of ``teacher`` (a key of ``TEACHERS``)."""
     _, out = TEACHERS[teacher]
-    identity = {"teacher": teacher, "teacher_sha256": _teacher_sha256(run, teacher, generalist_sha)}
+    identity = {"teacher": teacher, "teacher_sha256": _teacher_sha256(run, teacher, grec)}
     return Job(0, out, distill_task, StudentRecord, inputs=identity, identity=identity)
 
 
@@ -225,14 +227,14 @@ def run_distill(
         raise SpecialistsError(
             f"{run.root}: no specialists trained in this run (run `specialists train {run.root}` first)"
         )
-    _check_student(run, cfg)
+    _check_student(cfg, grec)
     teachers = ["ensemble"]
     if controls:
         teachers.append("generalist")
         if run.ensemble(RunDir.RANDOM_CONTROL).combination.is_file():
             teachers.append("random groups")
-    jobs = [distill_job(run, t, grec.weights_sha256) for t in teachers]
-    _cache_transfer(run, cfg)
+    jobs = [distill_job(run, t, grec) for t in teachers]
+    _cache_transfer(run, cfg, grec)
     return run_jobs(
         run,
         jobs,
@@ -267,8 +269,7 @@ def _teacher(ctx: JobContext, teacher: str) -> Callable[[torch.Tensor], torch.Te
 
 def _student_model(ctx: JobContext, cfg: DistillConfig) -> nn.Module:
     grec = ctx.record
-    arch = cfg.model or grec.architecture
-    init = cfg.init or ("generalist" if arch == grec.architecture else "random")
+    arch, init = _student_kind(cfg, grec)
     if init == "generalist":
         model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
         model.load_state_dict(ctx.generalist.state_dict())
@@ -398,13 +399,14 @@ def distill_task(
         "n_transfer": int((labels < 0).sum()),
         "seconds": ctx.seconds(),
     }
+    model_arch, _ = _student_kind(cfg, grec)
     record = save_artifact(
         paths.files,
         model,
-        metadata={"architecture": cfg.model or grec.architecture},
+        metadata={"architecture": model_arch},
         make_record=lambda weights_sha256: StudentRecord(
             id=job.id,
-            architecture=cfg.model or grec.architecture,
+            architecture=model_arch,
             n_classes=grec.n_classes,
             teacher=teacher_name,
             teacher_sha256=job.inputs["teacher_sha256"],
