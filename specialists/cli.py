@@ -478,7 +478,7 @@ def _distill(args: argparse.Namespace) -> int:
     )
     failed = [r for r in results if not r.ok]
     for r in results:
-        if r.ok:
+        if r.ok and (r.skipped or args.quiet):  # otherwise the launcher printed it as it ended
             print(r.record.describe() + (" (already done)" if r.skipped else ""))
     for r in failed:
         print(f"  student {r.job.out}: FAILED: {r.error}", file=sys.stderr)

@@ -38,7 +38,8 @@ class DataSource:
         if self.kind == "embedded":
             opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
             return "embedded" + (f":{opts}" if opts else "")
-        return f"{self.kind}:{self.path}"
+        opts = "".join(f",{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.kind}:{self.path}{opts}"
 
 
 @dataclass

@@ -5,8 +5,9 @@
   optional ``val/`` (carved from ``train/``, stratified and seeded, when absent);
 - ``cifar10:ROOT``, ``cifar100:ROOT``, ``mnist:ROOT``: torchvision datasets already on disk
   (never downloaded); CIFAR-100's 20 superclasses are its coarse groups;
-- ``omniglot:DIR`` (the npz release; alphabets are the coarse groups) and ``fashion-mnist:DIR``
-  (the four IDX files).
+- ``omniglot:DIR`` (the npz release; alphabets are the coarse groups), with options
+  ``omniglot:DIR,set=evaluation,n_train=15,size=28``, and ``fashion-mnist:DIR`` (the four IDX
+  files).
 
 A new source is one function ``DataSource -> DataBundle`` and one entry in ``SOURCES``.
 """
@@ -44,6 +45,13 @@ IMAGE_EXTENSIONS = {
 }
 
 
+# Options a path source takes after its folder (``KIND:DIR,key=value``): the allowed values, or
+# int for a number.
+PATH_OPTIONS: dict[str, dict[str, tuple[str, ...] | type]] = {
+    "omniglot": {"set": ("background", "evaluation"), "n_train": int, "size": int},
+}
+
+
 def parse_source(
     text: str, seed: int = 0, val_fraction: float = 0.1, image_size: int | None = None
 ) -> DataSource:
@@ -69,6 +77,29 @@ def parse_source(
                 except ValueError as e:
                     raise SpecialistsError(f"--data {text}: {key}={value!r} is not a number") from e
         return DataSource("embedded", None, options, seed, val_fraction, image_size)
+    if sep and kind in PATH_OPTIONS:
+        path, *items = rest.split(",")
+        options = {}
+        for item in items:
+            key, eq, value = item.partition("=")
+            if not eq or key not in PATH_OPTIONS[kind]:
+                raise SpecialistsError(
+                    f"--data {text}: expected {kind}:DIR[,key=value...] with keys "
+                    f"{', '.join(PATH_OPTIONS[kind])}"
+                )
+            choices = PATH_OPTIONS[kind][key]
+            if isinstance(choices, tuple):
+                if value not in choices:
+                    raise SpecialistsError(
+                        f"--data {text}: {key} must be one of {', '.join(choices)}, got {value!r}"
+                    )
+                options[key] = value
+            else:
+                try:
+                    options[key] = int(value)
+                except ValueError as e:
+                    raise SpecialistsError(f"--data {text}: {key}={value!r} is not a number") from e
+        return DataSource(kind, str(Path(path).expanduser()), options, seed, val_fraction, image_size)
     if sep and kind in SOURCES:
         return DataSource(kind, str(Path(rest).expanduser()), {}, seed, val_fraction, image_size)
     if sep and re.fullmatch(r"[a-z0-9-]+", kind) and not Path(text).exists():
@@ -332,6 +363,10 @@ def _load_omniglot(source: DataSource) -> DataBundle:
         )
 
     n_train = int(source.options.get("n_train", 15))
+    if not 1 <= n_train < n_draw:
+        raise SpecialistsError(
+            f"{source.describe()}: n_train must leave test drawings (1 to {n_draw - 1}), got {n_train}"
+        )
     labels = np.repeat(np.arange(n_chars), n_draw).reshape(n_chars, n_draw)
     train = ArraySplit(small[:, :n_train].reshape(-1, size, size, 1), labels[:, :n_train].ravel())
     test = ArraySplit(small[:, n_train:].reshape(-1, size, size, 1), labels[:, n_train:].ravel())

@@ -93,6 +93,13 @@ def test_spec_parsing():
     assert s.options == {"n_classes": 10, "n_groups": 2, "stripe_contrast": 0.5}
     assert parse_source("cifar100:/data").kind == "cifar100"
     assert parse_source("/some/folder").kind == "folder"
+    s = parse_source("omniglot:/data/omniglot,set=evaluation,n_train=10")
+    assert (s.path, s.options) == ("/data/omniglot", {"set": "evaluation", "n_train": 10})
+    assert s.describe() == "omniglot:/data/omniglot,n_train=10,set=evaluation"
+    with pytest.raises(SpecialistsError, match="set must be one of background, evaluation"):
+        parse_source("omniglot:/data,set=test")
+    with pytest.raises(SpecialistsError, match="with keys set, n_train, size"):
+        parse_source("omniglot:/data,colour=1")
     with pytest.raises(SpecialistsError, match="unknown option 'colours'"):
         parse_source("embedded:colours=3")
     with pytest.raises(SpecialistsError, match="unknown source kind"):
@@ -123,6 +130,12 @@ def test_omniglot_from_shared_files(shared_data):
     assert b.class_names[0].startswith("Arcadian/")
     # ink is white on a black background
     assert b.train.images.mean() < 60
+
+
+def test_omniglot_evaluation_set_from_shared_files(shared_data):
+    b = load_data(f"omniglot:{shared_data / 'omniglot'},set=evaluation,n_train=10")
+    assert b.n_classes == 659 and b.coarse.max() + 1 == 20
+    assert len(b.test) == 659 * 10 and len(b.train) + len(b.val) == 659 * 10
 
 
 def test_fashion_mnist_from_shared_files(shared_data):

@@ -186,6 +186,7 @@ def test_a_killed_student_resumes_to_the_same_weights(trained_run, tmp_path):  #
         text=True,
     )
     assert second.returncode == 0, second.stderr
+    assert second.stdout.count("student of the ensemble:") == 1, second.stdout  # once, even quiet
     a = load_tensors(RunDir.of(full).student().files.weights)
     b = load_tensors(RunDir.of(cut).student().files.weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -249,7 +249,8 @@ def run_local(
                 if r.ok:
                     manifest.register(run.root, *run.artifact(job.out, job.id)[:2])
                 bar.update(1)
-                bar.write(r.record.describe() if r.ok else f"{job.name}: FAILED: {r.error}")
+                if progress:  # tqdm.write prints even when the bar is disabled
+                    bar.write(r.record.describe() if r.ok else f"{job.name}: FAILED: {r.error}")
     except KeyboardInterrupt:
         for slot in slots:
             slot.stop(kill=True)
@@ -321,14 +322,16 @@ def run_ray(
             rec = job.record_type.from_dict(ray.get(done[0]))
             results.append(JobResult(job, True, rec))
             manifest.register(run.root, *run.artifact(job.out, job.id)[:2])
-            bar.write(rec.describe())
+            if progress:
+                bar.write(rec.describe())
         except Exception as e:  # RayTaskError wraps the job's own exception
             cause = getattr(e, "cause", None) or e
             message = (
                 str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
             )
             results.append(JobResult(job, False, error=message))
-            bar.write(f"{job.name}: FAILED: {message}")
+            if progress:
+                bar.write(f"{job.name}: FAILED: {message}")
         bar.update(1)
     bar.close()
     return results
