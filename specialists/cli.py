@@ -485,6 +485,16 @@ def _distill(args: argparse.Namespace) -> int:
     if failed:
         print("rerun the same command to resume the failed ones", file=sys.stderr)
         return 1
+    for r in results:
+        m = r.record.metrics
+        if r.record.teacher == "ensemble" and m["val_acc"] < m["generalist_val_acc"]:
+            print(
+                f"warning: the student is below its generalist on validation "
+                f"({100 * m['val_acc']:.2f}% against {100 * m['generalist_val_acc']:.2f}%); a "
+                "sharper target (--temperature 1 or 0.5) did better where this happened "
+                "(docs/results.md, Distillation)",
+                file=sys.stderr,
+            )
     print(f"`specialists evaluate {args.run}` adds the student's row to the metrics")
     return 0
 

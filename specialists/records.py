@@ -184,5 +184,6 @@ class StudentRecord(JobRecord):
         m = self.metrics
         return (
             f"student of the {self.teacher}: {self.architecture}, val accuracy {m['val_acc']:.4f} "
-            f"(teacher {m['teacher_val_acc']:.4f}), {m['epochs_run']} epochs, {m['seconds']:.0f} s"
+            f"(teacher {m['teacher_val_acc']:.4f}, generalist {m['generalist_val_acc']:.4f}), "
+            f"{m['epochs_run']} epochs, {m['seconds']:.0f} s"
         )

@@ -98,9 +98,14 @@ def test_a_rerun_is_skipped_and_the_self_distillation_control_runs(distilled, ca
     soft, _ = distilled
     assert main(["distill", str(soft), "--epochs", "2", "--batch-size", "32", "--lr", "3e-3",
                  "--init", "random", "--controls", "--quiet"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "student of the ensemble" in printed and "(already done)" in printed
     assert "student of the generalist" in printed
+    # a student below its generalist on validation is flagged (only the ensemble's student)
+    m = load_student(soft)[1].metrics
+    below = m["val_acc"] < m["generalist_val_acc"]
+    assert captured.err.count("warning: the student is below its generalist") == int(below)
     assert RunDir.of(soft).student(RunDir.SELF_STUDENT_CONTROL).files.record.is_file()
 
 
