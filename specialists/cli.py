@@ -438,6 +438,11 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         help="cached: the ensemble's outputs on the un-augmented images, computed once (default); "
         "online: it scores the student's own augmented batch",
     )
+    p.add_argument(
+        "--teacher-top-n",
+        type=int,
+        help="the teacher's gating width (default: the calibrated one)",
+    )
     p.add_argument("--temperature", type=float, help="T of the soft targets (default 2)")
     p.add_argument(
         "--alpha", type=float, help="weight of the soft term, 1 - alpha on the labels (default 0.9)"

@@ -99,7 +99,9 @@ def parse_source(
                     options[key] = int(value)
                 except ValueError as e:
                     raise SpecialistsError(f"--data {text}: {key}={value!r} is not a number") from e
-        return DataSource(kind, str(Path(path).expanduser()), options, seed, val_fraction, image_size)
+        return DataSource(
+            kind, str(Path(path).expanduser()), options, seed, val_fraction, image_size
+        )
     if sep and kind in SOURCES:
         return DataSource(kind, str(Path(rest).expanduser()), {}, seed, val_fraction, image_size)
     if sep and re.fullmatch(r"[a-z0-9-]+", kind) and not Path(text).exists():

@@ -84,6 +84,9 @@ class DistillConfig:
     # cached: the teacher scores the un-augmented images once; online: every augmented batch.
     # Cached won on the demo (docs/results.md, "Distillation") and costs a fraction of online.
     teacher_mode: str = "cached"
+    # the teacher's gating width: None keeps the calibrated one; 1 consults only the specialists
+    # of the generalist's top class, a sharper q to learn from than a wider calibrated gate
+    teacher_top_n: int | None = None
     temperature: float = 2.0
     alpha: float = 0.9  # weight of the soft term; 1 - alpha on the hard labels
     epochs: int = 50
@@ -107,6 +110,8 @@ class DistillConfig:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.teacher_top_n is not None and self.teacher_top_n < 1:
+            raise ValueError(f"teacher_top_n must be >= 1, got {self.teacher_top_n}")
 
 
 def soften(q: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -228,6 +233,10 @@ def run_distill(
             f"{run.root}: no specialists trained in this run (run `specialists train {run.root}` first)"
         )
     _check_student(cfg, grec)
+    if cfg.teacher_top_n is not None and cfg.teacher_top_n > grec.n_classes:
+        raise SpecialistsError(
+            f"--teacher-top-n {cfg.teacher_top_n}: must be between 1 and {grec.n_classes}"
+        )
     teachers = ["ensemble"]
     if controls:
         teachers.append("generalist")
@@ -252,7 +261,9 @@ def run_distill(
 # The job: one student
 
 
-def _teacher(ctx: JobContext, teacher: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _teacher(
+    ctx: JobContext, teacher: str, cfg: DistillConfig
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """q (B, K) of ``teacher`` for a transformed batch."""
     variant, _ = TEACHERS[teacher]
     if variant == "":
@@ -263,7 +274,9 @@ def _teacher(ctx: JobContext, teacher: str) -> Callable[[torch.Tensor], torch.Te
             return torch.softmax(generalist(x).float(), 1)
 
         return generalist_q
-    ensemble = Ensemble.load(ctx.run.root, str(ctx.device), variant=variant)
+    ensemble = Ensemble.load(
+        ctx.run.root, str(ctx.device), variant=variant, top_n=cfg.teacher_top_n
+    )
     return lambda x: ensemble.combine_transformed(x)[0]
 
 
@@ -301,7 +314,7 @@ def distill_task(
     ctx = start_job(run_root, device=device, threads=threads)
     run, dev, grec = ctx.run, ctx.device, ctx.record
     paths = run.student(job.out)
-    teach = _teacher(ctx, teacher_name)
+    teach = _teacher(ctx, teacher_name, cfg)
 
     images = np.array(ctx.train_images)  # a private, writable copy of the memory map
     labels = ctx.train_labels.astype(np.int64)
