@@ -441,7 +441,8 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher-top-n",
         type=int,
-        help="the teacher's gating width (default: the calibrated one)",
+        help="the teacher's gating width: 1 (default) consults only the specialists of the "
+        "generalist's top class, the sharpest target; 0 keeps the calibrated width",
     )
     p.add_argument("--temperature", type=float, help="T of the soft targets (default 2)")
     p.add_argument(

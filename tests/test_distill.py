@@ -158,9 +158,9 @@ def test_the_teacher_gates_with_the_width_asked_for(trained_run):  # noqa: F811
     ctx = start_job(str(trained_run), device="cpu", threads=1)
     images = load_data(TINY_DATA).test.images[:64]
     x = ctx.eval_transform(torch.from_numpy(images))
-    for top_n in (1, 3):
+    for top_n in (0, 1, 3):  # 0: the calibrated width
         teach = distill_module._teacher(ctx, "ensemble", DistillConfig(teacher_top_n=top_n))
-        want = Ensemble.load(trained_run, "cpu", top_n=top_n).predict_proba(images)
+        want = Ensemble.load(trained_run, "cpu", top_n=top_n or None).predict_proba(images)
         assert np.allclose(teach(x).numpy(), want, atol=1e-6)
 
 
@@ -221,8 +221,10 @@ def test_bad_input_is_one_line_and_status_2(run_dir, trained_run, tmp_path, caps
     fails([str(trained_run), "--model", "resnet_nope"], "unknown timm model")
     fails([str(trained_run), "--temperature", "0"], "temperature must be > 0")
     fails([str(trained_run), "--alpha", "1.5"], "alpha must be in [0, 1]")
-    fails([str(trained_run), "--teacher-top-n", "0"], "teacher_top_n must be >= 1")
-    fails([str(trained_run), "--teacher-top-n", "13"], "--teacher-top-n 13: must be between 1 and 12")
+    fails([str(trained_run), "--teacher-top-n", "-1"], "teacher_top_n must be >= 0")
+    fails(
+        [str(trained_run), "--teacher-top-n", "13"], "--teacher-top-n 13: must be between 1 and 12"
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     fails([str(trained_run), "--transfer", str(empty)], "no images in this folder")

@@ -84,9 +84,10 @@ class DistillConfig:
     # cached: the teacher scores the un-augmented images once; online: every augmented batch.
     # Cached won on the demo (docs/results.md, "Distillation") and costs a fraction of online.
     teacher_mode: str = "cached"
-    # the teacher's gating width: None keeps the calibrated one; 1 consults only the specialists
-    # of the generalist's top class, a sharper q to learn from than a wider calibrated gate
-    teacher_top_n: int | None = None
+    # the teacher's gating width: 1 consults only the specialists of the generalist's top class,
+    # a sharper q to learn from than a wider calibrated gate (Omniglot, docs/results.md,
+    # "Distillation"); 0 keeps the calibrated width
+    teacher_top_n: int = 1
     temperature: float = 2.0
     alpha: float = 0.9  # weight of the soft term; 1 - alpha on the hard labels
     epochs: int = 50
@@ -110,8 +111,10 @@ class DistillConfig:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.teacher_top_n is not None and self.teacher_top_n < 1:
-            raise ValueError(f"teacher_top_n must be >= 1, got {self.teacher_top_n}")
+        if self.teacher_top_n < 0:
+            raise ValueError(
+                f"teacher_top_n must be >= 0 (0: the calibrated width), got {self.teacher_top_n}"
+            )
 
 
 def soften(q: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -233,7 +236,7 @@ def run_distill(
             f"{run.root}: no specialists trained in this run (run `specialists train {run.root}` first)"
         )
     _check_student(cfg, grec)
-    if cfg.teacher_top_n is not None and cfg.teacher_top_n > grec.n_classes:
+    if cfg.teacher_top_n > grec.n_classes:
         raise SpecialistsError(
             f"--teacher-top-n {cfg.teacher_top_n}: must be between 1 and {grec.n_classes}"
         )
@@ -275,7 +278,7 @@ def _teacher(
 
         return generalist_q
     ensemble = Ensemble.load(
-        ctx.run.root, str(ctx.device), variant=variant, top_n=cfg.teacher_top_n
+        ctx.run.root, str(ctx.device), variant=variant, top_n=cfg.teacher_top_n or None
     )
     return lambda x: ensemble.combine_transformed(x)[0]
 
