@@ -1,12 +1,14 @@
 """How closely a run's students fit their teacher: on the run's cached training and validation
 images, each model's accuracy, its mean probability of the true class, its agreement with the
-ensemble's top class and its KL divergence from the ensemble's q (T = 1).
+teacher's top class and its KL divergence from the teacher's q (T = 1). The teacher is the
+ensemble gated as the student's record says (``teacher_top_n``); the calibrated ensemble gets its
+own row when its gating differs.
 
     python benchmarks/distill_fit.py runs/omniglot/seed0
 
-A student that fits the ensemble on the training images but not on validation learned the
+A student that fits the teacher on the training images but not on validation learned the
 teacher's answers there and little of how it generalises; a student that fits neither is short of
-capacity or of training. The ensemble's own row says how much a student can learn from its q
+capacity or of training. The teacher's own row says how much a student can learn from its q
 beyond the labels (a q as sure as the labels teaches nothing more).
 """
 
@@ -47,31 +49,41 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = RunDir.of(args.run)
     dev = resolve_device(args.device)
-    ensemble = Ensemble.load(run.root, str(dev))
     generalist, grec = load_generalist(run, dev)
     transform = make_transforms(grec)[1]
     students = {"generalist": (generalist, transform)}
+    top_n = None
     for subdir, name in (
         (RunDir.STUDENT, "student"),
         (RunDir.SELF_STUDENT_CONTROL, "self-distilled"),
     ):
         if run.student(subdir).files.record.is_file():
-            model, _, tf = load_student(run, dev, subdir=subdir)
+            model, record, tf = load_student(run, dev, subdir=subdir)
             students[name] = (model, tf)
-    print(
-        f"{'':36s} {'accuracy':>9s} {'p(true)':>9s} {'agrees with ensemble':>11s} {'KL(q||p)':>9s}"
-    )
+            if subdir == RunDir.STUDENT:
+                top_n = record.config.get("teacher_top_n") or None
+    calibrated = Ensemble.load(run.root, str(dev))
+    teachers = {
+        f"teacher: ensemble, top-{top_n or calibrated.top_n}": Ensemble.load(
+            run.root, str(dev), top_n=top_n
+        )
+    }
+    if top_n is not None and top_n != calibrated.top_n:
+        teachers[f"calibrated ensemble, top-{calibrated.top_n}"] = calibrated
+    print(f"{'':36s} {'accuracy':>9s} {'p(true)':>9s} {'agrees':>11s} {'KL(q||p)':>9s}")
     for split in ("train", "val"):
         images = np.load(run.cache_images(split))
         labels = np.load(run.cache_labels(split)).astype(np.int64)
-        q = np.concatenate(
-            [ensemble.predict_proba(images[i : i + 512]) for i in range(0, len(images), 512)]
-        )
-        probs = {"ensemble (the teacher)": q}
+        probs = {
+            name: np.concatenate(
+                [e.predict_proba(images[i : i + 512]) for i in range(0, len(images), 512)]
+            )
+            for name, e in teachers.items()
+        }
         for name, (model, tf) in students.items():
             probs[name] = predict_proba(model, images, transform=tf, device=dev)
-        print(f"{split} ({len(labels)} images)")
-        print("\n".join(fit_rows(q, labels, probs)))
+        print(f"{split} ({len(labels)} images; agreement and KL against the teacher's q)")
+        print("\n".join(fit_rows(next(iter(probs.values())), labels, probs)))
     return 0
 
 
