@@ -496,9 +496,9 @@ def _distill(args: argparse.Namespace) -> int:
         if r.record.teacher == "ensemble" and m["val_acc"] < m["generalist_val_acc"]:
             print(
                 f"warning: the student is below its generalist on validation "
-                f"({100 * m['val_acc']:.2f}% against {100 * m['generalist_val_acc']:.2f}%); a "
-                "sharper target (--temperature 1 or 0.5) did better where this happened "
-                "(docs/results.md, Distillation)",
+                f"({100 * m['val_acc']:.2f}% against {100 * m['generalist_val_acc']:.2f}%); "
+                "a sharper target may do better: --teacher-top-n 1 (the default), then "
+                "--temperature 1",
                 file=sys.stderr,
             )
     print(f"`specialists evaluate {args.run}` adds the student's row to the metrics")
