@@ -128,6 +128,23 @@ def student_table(rows: list[dict]) -> str:
             f"{pct(sd.get('accuracy')):>11s} {pct(sd.get('relative_error_reduction')):>7s} "
             f"{st.get('throughput_ratio', 0):>5.2f}x {m.get('distill_s', 0):>12.0f}s"
         )
+    if len(rows) > 1:
+
+        def mean(name: str, key: str) -> float | None:
+            values = [s[key] for m in rows for s in m.get("students", []) if s["name"] == name]
+            return float(np.mean(values)) if len(values) == len(rows) else None
+
+        red = float(np.mean([m["relative_error_reduction"] for m in rows]))
+        s_red = mean("student (distilled ensemble)", "relative_error_reduction")
+        kept = f"{s_red / red:.0%}" if red and s_red is not None else "-"
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'mean':>6s} {pct(np.mean([m['generalist_accuracy'] for m in rows])):>11s} "
+            f"{pct(np.mean([m['ensemble_accuracy'] for m in rows])):>9s} {pct(red):>7s} "
+            f"{pct(mean('student (distilled ensemble)', 'accuracy')):>9s} {pct(s_red):>7s} "
+            f"{kept:>6s} {pct(mean('self-distilled generalist', 'accuracy')):>11s} "
+            f"{pct(mean('self-distilled generalist', 'relative_error_reduction')):>7s}"
+        )
     return "\n".join(lines)
 
 
