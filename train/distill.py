@@ -1,8 +1,8 @@
 """Distillation: one student trained on a teacher's combined distribution plus the hard labels.
 
 The teacher is the calibrated ensemble (its q, the optimum of the KL combiner, with the run's own
-gating and weights), or for the controls the generalist alone (self-distillation) or the ensemble
-of the random groups. The student minimises, per labelled example,
+weights and dustbin correction, gated top-1 unless ``teacher_top_n`` says otherwise), or for the
+controls the generalist alone (self-distillation) or the ensemble of the random groups. The student minimises, per labelled example,
 
     (1 - a) CE(y, s) + a T^2 KL(q_T || s_T),
 
