@@ -23,11 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from specialists.artifacts import load_generalist, load_student  # noqa: E402
+from specialists.artifacts import load_student  # noqa: E402
 from specialists.ensemble import Ensemble  # noqa: E402
 from specialists.models import predict_proba, resolve_device  # noqa: E402
 from specialists.run import RunDir  # noqa: E402
-from specialists.transforms import make_transforms  # noqa: E402
 
 
 def fit_rows(q: np.ndarray, labels: np.ndarray, models: dict[str, np.ndarray]) -> list[str]:
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = RunDir.of(args.run)
     dev = resolve_device(args.device)
-    generalist, grec = load_generalist(run, dev)
-    transform = make_transforms(grec)[1]
-    students = {"generalist": (generalist, transform)}
+    students = {}
     top_n = None
     for subdir, name in (
         (RunDir.STUDENT, "student"),
@@ -62,13 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             students[name] = (model, tf)
             if subdir == RunDir.STUDENT:
                 top_n = record.config.get("teacher_top_n") or None
-    calibrated = Ensemble.load(run.root, str(dev))
-    teachers = {
-        f"teacher: ensemble, top-{top_n or calibrated.top_n}": Ensemble.load(
-            run.root, str(dev), top_n=top_n
-        )
-    }
-    if top_n is not None and top_n != calibrated.top_n:
+    teacher = Ensemble.load(run.root, str(dev), top_n=top_n)
+    students = {"generalist": (teacher.generalist, teacher.transform), **students}
+    teachers = {f"teacher: ensemble, top-{teacher.top_n}": teacher}
+    calibrated = Ensemble.load(run.root, str(dev)) if top_n is not None else teacher
+    if calibrated.top_n != teacher.top_n:
         teachers[f"calibrated ensemble, top-{calibrated.top_n}"] = calibrated
     print(f"{'':36s} {'accuracy':>9s} {'p(true)':>9s} {'agrees':>11s} {'KL(q||p)':>9s}")
     for split in ("train", "val"):

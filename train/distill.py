@@ -2,7 +2,8 @@
 
 The teacher is the calibrated ensemble (its q, the optimum of the KL combiner, with the run's own
 weights and dustbin correction, gated top-1 unless ``teacher_top_n`` says otherwise), or for the
-controls the generalist alone (self-distillation) or the ensemble of the random groups. The student minimises, per labelled example,
+controls the generalist alone (self-distillation) or the ensemble of the random groups. The
+student minimises, per labelled example,
 
     (1 - a) CE(y, s) + a T^2 KL(q_T || s_T),
 
