@@ -108,7 +108,7 @@ def collect(
         out = []
         for start in range(0, len(r), ensemble.batch_size):
             idx = r[start : start + ensemble.batch_size]
-            x = ensemble.transform(x_all[idx].to(ensemble.device))
+            x = ensemble.transform_for(records[m])(x_all[idx].to(ensemble.device))
             out.append(model(x).double().cpu())
         width = len(records[m].classes) + 1
         logits.append(torch.cat(out) if out else torch.zeros(0, width, dtype=torch.float64))
@@ -271,7 +271,7 @@ def calibrate_run(
     generalist by ``min_gain_z`` (McNemar's z, see ``paired_gain``) keeps no specialist."""
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, variant=variant, combination=Combination())
-    bundle = load_data(DataSource.from_dict(ens.record.data))
+    bundle = load_data(DataSource.from_dict(ens.record.data), min_size=ens.input_size)
     val = bundle.split("val")
     if len(val) == 0:
         raise SpecialistsError(f"{run.root}: no validation examples to calibrate on")

@@ -234,6 +234,28 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         choices=["gated", "natural", "none"],
         help="dustbin prior correction (default gated)",
     )
+    p.add_argument(
+        "--specialist-model",
+        dest="model",
+        metavar="NAME",
+        help="timm architecture of the specialists (default: the generalist's; another one starts "
+        "fresh or from --specialist-checkpoint)",
+    )
+    p.add_argument(
+        "--specialist-input-size",
+        dest="input_size",
+        type=int,
+        metavar="S",
+        help="input size of the specialists, at least the generalist's (default: the generalist's); "
+        "their images are made at S px from the originals",
+    )
+    p.add_argument(
+        "--specialist-checkpoint",
+        dest="checkpoint",
+        metavar="PATH",
+        help="local weights (safetensors or a torch state dict) to start the specialists from; "
+        "their head is new",
+    )
     p.add_argument("--seed", type=int)
 
 
@@ -352,7 +374,7 @@ def _predict(args: argparse.Namespace) -> int:
         from .ensemble import Ensemble
 
         ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
-        images = read_images(args.images, ens.record.input_size, ens.record.in_chans)
+        images = read_images(args.images, ens.input_size, ens.record.in_chans)
         out = ens.run_batch(images)
         probs, names = out.q, ens.record.class_names
         notes = [

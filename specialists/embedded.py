@@ -22,6 +22,14 @@ distinctions, while a specialist can spend all its capacity on one kind.
   ``aspect``    width-to-height ratio of the shape (log steps of ``0.07 detail``)
   ============  ==========================================================================
 
+  With ``fine_groups = F``, groups 0..F-1 are a **resolution family** instead: the class is the
+  orientation of a fine grating of ``fine_cycles`` cycles across the image (evenly spread over
+  180 degrees). The grating scales with the image, so whether it can be seen depends on the
+  size a model looks at, not on the size rendered: at the default 14 cycles a 32 px view shows
+  it (a period of 2.3 px) and a 16 px view cannot (it is past the Nyquist limit and an
+  antialiased resize removes it, leaving about 2% of its contrast), so a 16 px generalist
+  confuses those classes and a 32 px specialist can tell them apart.
+
   ``detail`` scales the separation between neighbouring classes (and the dots' contrast);
   ``stripe_contrast`` is the amplitude of the stripe texture, which every group carries: class
   defining in ``orient`` groups (1x) and ``freq`` groups (1.6x), a random distraction at 0.5x
@@ -56,7 +64,9 @@ __all__ = [
 ]
 
 _SHAPES = ("disk", "square", "diamond", "triangle", "ring", "cross", "hbar", "vbar")
-DETAIL_KINDS = ("orient", "freq", "dot", "hole", "hue", "count", "aspect")
+DETAIL_KINDS = ("orient", "freq", "dot", "hole", "hue", "count", "aspect", "fine")
+_CYCLE = DETAIL_KINDS[:7]  # the kinds groups take in turn; "fine" only through fine_groups
+FINE_CONTRAST = 0.45  # amplitude of the resolution family's grating
 _SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 _RING = _SHAPES.index("ring")
 _HOLE = DETAIL_KINDS.index("hole")
@@ -75,6 +85,8 @@ class SyntheticConfig:
     stripe_contrast: float = 0.25  # amplitude of the stripe texture (lower = orient/freq harder)
     detail: float = 0.6  # separation between the classes of a group (lower = harder)
     noise: float = 0.08  # std of the per-pixel (uniform) noise, in [0, 1] intensity units
+    fine_groups: int = 0  # groups 0..fine_groups-1 told apart by a grating only fine views see
+    fine_cycles: float = 14.0  # the grating's cycles across the image
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +107,15 @@ class SyntheticConfig:
             raise ValueError(f"detail must be in (0, 3], got {self.detail}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if not 0 <= self.fine_groups <= self.n_groups:
+            raise ValueError(
+                f"fine_groups must be between 0 and n_groups={self.n_groups}, got {self.fine_groups}"
+            )
+        if self.fine_groups and not 1.0 <= self.fine_cycles <= self.image_size / 2:
+            raise ValueError(
+                f"fine_cycles must be between 1 and image_size / 2 = {self.image_size / 2:g} "
+                f"(the rendered image must resolve the grating), got {self.fine_cycles}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,10 +133,10 @@ def detail_kind_of_groups(cfg: SyntheticConfig) -> list[str]:
     """The kind of detail (one of DETAIL_KINDS) that tells the classes of each group apart."""
     kinds = []
     for g in range(cfg.n_groups):
-        k = g % len(DETAIL_KINDS)
+        k = g % len(_CYCLE)
         if g % len(_SHAPES) == _RING and k == _HOLE:
-            k = (k + 1) % len(DETAIL_KINDS)
-        kinds.append(DETAIL_KINDS[k])
+            k = (k + 1) % len(_CYCLE)
+        kinds.append("fine" if g < cfg.fine_groups else _CYCLE[k])
     return kinds
 
 
@@ -161,6 +182,7 @@ def _class_table(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
     value[is_["hue"]] = (0.014 * d * t)[is_["hue"]]
     value[is_["count"]] = (rank + 1)[is_["count"]]
     value[is_["aspect"]] = np.exp(0.07 * d * t)[is_["aspect"]]
+    value[is_["fine"]] = (np.pi * (rank + offset) / n_in)[is_["fine"]]
 
     class_hue = hue[groups] + np.where(is_["hue"], value, 0.0)
     fg = np.array([colorsys.hsv_to_rgb(h % 1.0, 0.75, 0.95) for h in class_hue])
@@ -274,6 +296,15 @@ def _render(cfg: SyntheticConfig, rng: np.random.Generator, c: dict[str, np.ndar
     amp = np.select([is_["orient"], is_["freq"]], [1.0, 1.6], 0.5) * cfg.stripe_contrast
     amp = amp.astype(f32)[:, None, None]
     texture = (1.0 - amp) + amp * stripes
+    fine = np.flatnonzero(is_["fine"])
+    if len(fine):  # the resolution family's grating (phase from ring_rot: no extra draws)
+        tf = (value[fine] + angle_noise[fine] * np.pi / (6 * n_in[fine])).astype(f32)
+        tf = tf[:, None, None]
+        pf = x[fine] * np.cos(tf) + y[fine] * np.sin(tf)
+        grating = 0.5 + 0.5 * np.cos(
+            2 * np.pi * pf * f32(cfg.fine_cycles / s) + ring_rot[fine].astype(f32)[:, None, None]
+        )
+        texture[fine] *= (1.0 - FINE_CONTRAST) + FINE_CONTRAST * grating
     img = mask[..., None] * (c["fg"][:, None, None, :] * texture[..., None])
     img += (1 - mask[..., None]) * c["bg"][:, None, None, :]
 

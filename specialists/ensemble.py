@@ -26,7 +26,7 @@ from .gating import ActivePairs, GroupIndex, gate
 from .models import create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import EnsemblePaths, RunDir
-from .transforms import make_transforms
+from .transforms import BatchTransform, make_transforms
 
 __all__ = ["Ensemble", "EnsembleOutput"]
 
@@ -78,6 +78,9 @@ class Ensemble:
         ]
         self.spec_weights = [comb.spec_weight] * len(self.specialists)
         self.transform = make_transforms(record)[1]
+        self._transforms = {record.input_size: self.transform}
+        # the side images must have at least: every consulted model resizes from them
+        self.input_size = max([record.input_size] + [s.size(record) for s in self.specialists])
         self._cache: OrderedDict[int, nn.Module] = OrderedDict()
 
     # -- loading ---------------------------------------------------------------------------------
@@ -122,6 +125,20 @@ class Ensemble:
             combination=combination,
         )
 
+    @property
+    def mixed_sizes(self) -> bool:
+        """Whether some specialist takes another input size than the generalist."""
+        return self.input_size != self.record.input_size
+
+    def transform_for(self, rec: SpecialistRecord) -> BatchTransform:
+        """uint8 images (at any size) -> the normalised input of ``rec``'s model at its size,
+        resized exactly as in training."""
+        size = rec.size(self.record)
+        if size not in self._transforms:
+            r = self.record
+            self._transforms[size] = BatchTransform(r.mean, r.std, size)
+        return self._transforms[size]
+
     def specialist(self, m: int) -> nn.Module:
         """The ``m``-th active specialist, loaded on first use; the least recently used is
         evicted when the cache is full."""
@@ -133,11 +150,12 @@ class Ensemble:
             self._cache.move_to_end(m)
             return self._cache[m]
         n_out = len(rec.classes) + 1
-        model = create_model(rec.architecture, n_out, self.record.in_chans, self.record.input_size)
+        size = rec.size(self.record)
+        model = create_model(rec.architecture, n_out, self.record.in_chans, size)
         load_weights(
             model,
             self.paths.specialist(rec.id).weights,
-            f"a {rec.architecture} with {n_out} outputs",
+            f"a {rec.architecture} with {n_out} outputs at {size} px",
         )
         model.to(self.device).eval()
         self._cache[m] = model
@@ -148,14 +166,23 @@ class Ensemble:
     # -- inference -------------------------------------------------------------------------------
 
     def check_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``images`` as a uint8 (N, H, W, C) tensor of the generalist's input size, or a clear
-        error."""
+        """``images`` as a uint8 (N, H, W, C) tensor with H and W at least the largest input size
+        of the ensemble's models (each resizes from them to its own), or a clear error."""
         r = self.record
-        expected = (r.input_size, r.input_size, r.in_chans)
         x = torch.as_tensor(images)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected or x.dtype != torch.uint8:
+        if x.ndim != 4 or x.shape[-1] != r.in_chans or x.dtype != torch.uint8:
             raise SpecialistsError(
-                f"expected uint8 images of shape (N, {', '.join(map(str, expected))}), got {x.dtype} {tuple(x.shape)}"
+                f"expected uint8 images of shape (N, H, W, {r.in_chans}), got {x.dtype} {tuple(x.shape)}"
+            )
+        if min(x.shape[1:3]) < self.input_size:
+            if self.mixed_sizes:
+                who = next(s for s in self.specialists if s.size(r) == self.input_size)
+                need = f"specialist {who.id} takes {self.input_size} px inputs"
+            else:
+                need = f"the generalist takes {self.input_size} px inputs"
+            raise SpecialistsError(
+                f"images are {x.shape[1]}x{x.shape[2]} but {need}; give images of at least "
+                f"{self.input_size} px (never upsampled: resize from the originals)"
             )
         return x
 
@@ -173,18 +200,29 @@ class Ensemble:
 
     @torch.no_grad()
     def combine_transformed(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, raw: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
         """q (B, K), p_g (B, K) and the active pairs for a batch already transformed as
         ``self.transform`` does (on the ensemble's device): the generalist once, each active
         specialist only on the rows that activate it, then the combiner. A distillation teacher
-        calls this on the student's own augmented batch."""
+        calls this on the student's own augmented batch. Specialists with their own input size
+        need ``raw``, the uint8 batch ``x`` was made from, to resize from."""
         p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
         pairs = gate(p_g, self.groups, self.top_n)
         outputs = []
         for m, rows in enumerate(pairs.per_specialist(len(self.specialists))):
             if len(rows):
-                logits = self.specialist(m)(x[rows]).float() + self.offsets[m]
+                rec = self.specialists[m]
+                if rec.size(self.record) == self.record.input_size:
+                    xm = x[rows]
+                elif raw is None:
+                    raise SpecialistsError(
+                        f"specialist {rec.id} takes {rec.size(self.record)} px inputs: it needs "
+                        "the untransformed images, not the generalist's view"
+                    )
+                else:
+                    xm = self.transform_for(rec)(raw[rows])
+                logits = self.specialist(m)(xm).float() + self.offsets[m]
                 outputs.append(torch.softmax(logits, 1))
         q = (
             combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
@@ -199,9 +237,9 @@ class Ensemble:
         x_all = self.check_images(images)
         qs, pgs, consulted = [], [], []
         for start in range(0, len(x_all), self.batch_size):
-            x = self.transform(x_all[start : start + self.batch_size].to(self.device))
-            q, p_g, pairs = self.combine_transformed(x)
-            by_row: list[list[int]] = [[] for _ in range(len(x))]
+            raw = x_all[start : start + self.batch_size].to(self.device)
+            q, p_g, pairs = self.combine_transformed(self.transform(raw), raw)
+            by_row: list[list[int]] = [[] for _ in range(len(raw))]
             for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
                 by_row[r].append(self.specialists[s].id)
             qs.append(q.cpu())
@@ -210,7 +248,8 @@ class Ensemble:
         return EnsembleOutput(torch.cat(qs).numpy(), torch.cat(pgs).numpy(), consulted)
 
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Combined probabilities (N, K) for uint8 images (N, H, W, C) at the run's input size."""
+        """Combined probabilities (N, K) for uint8 images (N, H, W, C) of at least
+        ``input_size`` pixels."""
         return self.run_batch(images).q
 
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -17,7 +17,6 @@ from .models import predict_proba
 from .run import RunDir
 from .sources import load_data, parse_source
 from .storage import save_figure, save_json
-from .transforms import resize_images
 
 __all__ = [
     "ensemble_metrics",
@@ -266,19 +265,21 @@ def evaluate_run(
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size)
     source = (
-        parse_source(data, seed=ens.record.data["seed"], image_size=ens.record.input_size)
+        parse_source(data, seed=ens.record.data["seed"], image_size=ens.input_size)
         if data
         else DataSource.from_dict(ens.record.data)
     )
-    bundle = load_data(source)
+    bundle = load_data(source, min_size=ens.input_size)
     if bundle.class_names != ens.record.class_names:
         raise SpecialistsError(
             f"{source.describe()}: its classes differ from the run's generalist ({bundle.n_classes} vs {ens.record.n_classes})"
         )
     part = bundle.split(split)
     images = part.images
-    if images.shape[1] != ens.record.input_size:
-        images = resize_images(images, ens.record.input_size)
+    if images.shape[1] < ens.input_size:  # a source that exists at one size only
+        raise SpecialistsError(
+            f"{source.describe()}: images are {images.shape[1]} px, the ensemble needs {ens.input_size}"
+        )
     out = ens.run_batch(images)
     m = ensemble_metrics(out.p_g, out.q, part.labels, [s.classes for s in ens.specialists])
     g_ips, e_ips = ens.throughput(images[: min(len(images), 2048)])

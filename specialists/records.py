@@ -137,6 +137,11 @@ class SpecialistRecord(JobRecord):
     correction: str  # natural | gated | none
     logit_offset: list[float]  # added to the specialist's logits at inference (|S| + 1)
     history: list[dict]
+    input_size: int | None = None  # its own input size; None: the generalist's
+
+    def size(self, generalist: GeneralistRecord) -> int:
+        """The input size this specialist's model takes."""
+        return self.input_size or generalist.input_size
 
     def check(self, source: str | Path) -> None:
         if len(self.logit_offset) != len(self.classes) + 1:

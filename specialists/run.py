@@ -7,6 +7,7 @@ RUN/
   generalist/resume/          last-epoch state while training (removed when done)
   clusters.json, clusters.png the groups
   cache/{train,val}_{images,labels}.npy      data arrays the specialist workers memory-map
+  cache/<S>px/                the same at S pixels, for specialists with their own input size
   specialists.yaml            the specialists' resolved configuration
   specialists/NNN.safetensors, NNN.json (NNN.error.json while a failed job's error stands)
   ensemble.json               the combination chosen on validation
@@ -160,17 +161,23 @@ class RunDir:
     def resume_dir(self) -> Path:
         return self.generalist_dir / "resume"
 
-    def cache_images(self, split: str) -> Path:
-        return self.root / "cache" / f"{split}_images.npy"
+    def cache_dir(self, size: int | None = None) -> Path:
+        """The data arrays at the data's own size, or (``size``) made at ``size`` pixels from the
+        originals for specialists that see more than the generalist."""
+        return self.root / "cache" if size is None else self.root / "cache" / f"{size}px"
 
-    def cache_labels(self, split: str) -> Path:
+    def cache_images(self, split: str, size: int | None = None) -> Path:
+        return self.cache_dir(size) / f"{split}_images.npy"
+
+    def cache_labels(self, split: str, size: int | None = None) -> Path:
         """Written after the split's images: its presence marks the split complete."""
-        return self.root / "cache" / f"{split}_labels.npy"
+        return self.cache_dir(size) / f"{split}_labels.npy"
 
-    def transfer_cache(self, source: str) -> Path:
-        """Images without labels read from ``source`` (a distillation's transfer data)."""
+    def transfer_cache(self, source: str, size: int | None = None) -> Path:
+        """Images without labels read from ``source`` (a distillation's transfer data), at the
+        data's own size or at ``size``."""
         key = hashlib.sha256(source.encode()).hexdigest()[:12]
-        return self.root / "cache" / f"transfer_{key}.npy"
+        return self.cache_dir(size) / f"transfer_{key}.npy"
 
     @property
     def specialists_config(self) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,15 @@ from .errors import SpecialistsError
 from .image_files import read_images
 from .transforms import resize_images
 
-__all__ = ["SOURCES", "load_data", "load_unlabelled", "parse_source", "read_idx"]
+__all__ = [
+    "SOURCES",
+    "load_data",
+    "load_unlabelled",
+    "parse_source",
+    "read_idx",
+    "source_at",
+    "stored_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +138,56 @@ def load_unlabelled(text: str, *, size: int, channels: int, seed: int = 0) -> np
     return resize_images(bundle.train.images, size, channels)
 
 
-def load_data(source: DataSource | str) -> DataBundle:
-    """Resolve a source to a :class:`DataBundle`, with one clear error on bad input."""
+# Sources whose images exist only at one size: (that size, what to call it).
+FIXED_SIZES = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion-mnist": 28}
+OMNIGLOT_ORIGINAL = 105
+
+
+def stored_size(source: DataSource) -> int:
+    """The side in pixels of the images ``source`` loads (before any model resizes them)."""
+    if source.kind == "embedded":
+        return int(source.options.get("image_size", SyntheticConfig.image_size))
+    if source.kind == "omniglot":
+        return int(source.options.get("size", 28))
+    if source.kind == "folder":
+        return source.image_size or 64
+    return FIXED_SIZES[source.kind]
+
+
+def source_at(source: DataSource, size: int) -> DataSource:
+    """``source`` with its images made at ``size`` pixels from the originals: rendered again
+    (embedded), reduced from the 105 px drawings (Omniglot) or decoded again (image folders).
+    Sources that exist at one size only cannot go above it; the error says so."""
+    if size == stored_size(source):
+        return source
+    if source.kind == "embedded":
+        return replace(source, options={**source.options, "image_size": int(size)})
+    if source.kind == "omniglot":
+        if size > OMNIGLOT_ORIGINAL:
+            raise SpecialistsError(
+                f"{source.describe()}: input size {size} is above Omniglot's {OMNIGLOT_ORIGINAL} px originals"
+            )
+        return replace(source, options={**source.options, "size": int(size)})
+    if source.kind == "folder":
+        return replace(source, image_size=int(size))
+    native = FIXED_SIZES[source.kind]
+    if size > native:
+        raise SpecialistsError(
+            f"{source.describe()}: input size {size} is above the data's {native} px; "
+            f"{source.kind} has no larger originals to read"
+        )
+    return source
+
+
+def load_data(source: DataSource | str, *, min_size: int | None = None) -> DataBundle:
+    """Resolve a source to a :class:`DataBundle`, with one clear error on bad input.
+
+    ``min_size``: the images come at least that large, made from the originals when the source
+    stores them smaller (see :func:`source_at`); models resize from there to their own size."""
     if isinstance(source, str):
         source = parse_source(source)
+    if min_size is not None and source.kind in SOURCES and min_size > stored_size(source):
+        source = source_at(source, min_size)
     loader = SOURCES.get(source.kind)
     if loader is None:
         raise SpecialistsError(

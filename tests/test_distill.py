@@ -122,9 +122,9 @@ def test_the_online_teacher_sees_the_students_own_augmented_batch(
     def spying_teacher(ctx, name, cfg):
         teach = real_teacher(ctx, name, cfg)
 
-        def wrapped(x):
+        def wrapped(x, raw=None):
             seen["teacher"].append(x.detach().clone())
-            return teach(x)
+            return teach(x, raw)
 
         return wrapped
 

@@ -119,7 +119,11 @@ def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
     small_cache = Ensemble.load(trained_run, cache_size=1, combination=Combination())
     assert np.allclose(small_cache.predict_proba(images), out.q, atol=1e-6)
     with pytest.raises(SpecialistsError, match="expected uint8 images of shape"):
-        ens.predict_proba(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+        ens.predict_proba(np.zeros((2, 16, 16, 1), dtype=np.uint8))
+    with pytest.raises(SpecialistsError, match="images are 8x8 but the generalist takes 16 px"):
+        ens.predict_proba(np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    # larger images are resized by every model as in training (the originals are welcome)
+    assert ens.predict_proba(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape == (2, 12)
 
 
 def test_offline_scoring_matches_the_ensemble(trained_run):

@@ -60,7 +60,8 @@ def test_groups_are_contiguous_and_even():
 def test_every_kind_of_detail_is_used_and_rings_never_get_holes():
     cfg = SyntheticConfig()
     kinds = detail_kind_of_groups(cfg)
-    assert set(kinds) == set(DETAIL_KINDS)
+    assert set(kinds) == set(DETAIL_KINDS) - {"fine"}  # the resolution family only on request
+    assert "fine" in detail_kind_of_groups(SyntheticConfig(fine_groups=1))
     names = synthetic_class_names(cfg)
     assert all(kinds[int(n[1:3])] in n for n in names)
     for n_groups in range(1, 60):
@@ -105,7 +106,8 @@ def _render_classes(cfg: SyntheticConfig, classes: list[int], n: int = 16) -> np
 def test_classes_of_a_group_differ_only_in_a_detail(kind):
     # Same nuisance (position, scale, phase, brightness, noise), two classes of one group versus a
     # class of another group: the group's look-alike differs in a small detail, never by nothing.
-    cfg = SyntheticConfig(n_classes=70, n_groups=14, image_size=32, noise=0.0)
+    fine = int(kind == "fine")  # the resolution family exists only on request
+    cfg = SyntheticConfig(n_classes=70, n_groups=14, image_size=32, noise=0.0, fine_groups=fine)
     groups = group_of_classes(cfg)
     g = detail_kind_of_groups(cfg).index(kind)
     members = np.flatnonzero(groups == g)
@@ -114,7 +116,25 @@ def test_classes_of_a_group_differ_only_in_a_detail(kind):
     diff = np.abs(imgs[0] - imgs[1]).max(-1)  # neighbouring classes, in 0-255 units
     between = np.abs(imgs[0] - imgs[2]).mean()
     assert (diff > 8).mean() > 0.004  # the detail is there: some pixels differ clearly
+    if kind == "fine":  # a grating is no small change in pixels, but a 16 px view loses it
+        small_view = _resize(imgs, 16)
+        assert np.abs(imgs[0] - imgs[1]).mean() > 0.2 * between  # seen at 32 px
+        inside = np.abs(small_view[0] - small_view[1]).mean()
+        assert inside < 0.1 * np.abs(small_view[0] - small_view[2]).mean()  # gone at 16 px
+        return
     assert np.abs(imgs[0] - imgs[1]).mean() < 0.35 * between  # but small next to the group's look
+
+
+def _resize(imgs: np.ndarray, size: int) -> np.ndarray:
+    """(..., H, W, C) float images resized as the models' transforms do (antialiased)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(imgs).float()
+    lead = x.shape[:-3]
+    x = x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2)
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return y.permute(0, 2, 3, 1).reshape(*lead, size, size, -1).numpy()
 
 
 def test_generalist_scale_structure_nearest_mean_gets_groups_not_classes():

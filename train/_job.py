@@ -7,6 +7,7 @@ writing its weights and then its record, which marks it complete.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,31 +19,76 @@ import torch
 from torch import nn
 
 from specialists.artifacts import load_generalist
-from specialists.data import DataBundle
+from specialists.data import DataBundle, DataSource
+from specialists.errors import SpecialistsError
 from specialists.models import resolve_device, set_cpu_threads
 from specialists.records import GeneralistRecord, Record
 from specialists.run import ArtifactPaths, RunDir
+from specialists.sources import load_data
 from specialists.storage import file_sha256, load_npy, save_json, save_npy, save_tensors
 from specialists.transforms import BatchTransform, make_transforms
 
-__all__ = ["JobContext", "cache_data", "load_cached", "save_artifact", "start_job"]
+__all__ = [
+    "JobContext",
+    "cache_data",
+    "cache_sizes",
+    "load_cached",
+    "save_artifact",
+    "start_job",
+]
 
 R = TypeVar("R", bound=Record)
 
+log = logging.getLogger(__name__)
 
-def cache_data(run: RunDir, bundle: DataBundle) -> None:
-    """Write the train and val arrays once, so parallel jobs memory-map them instead of reloading."""
+
+def cache_data(run: RunDir, bundle: DataBundle, size: int | None = None) -> None:
+    """Write the train and val arrays once, so parallel jobs memory-map them instead of reloading
+    (``size``: the arrays made at that size for specialists with their own input size)."""
     for split in ("train", "val"):
         s = bundle.split(split)
-        if not run.cache_labels(split).is_file():
-            save_npy(run.cache_images(split), s.images)
-            save_npy(run.cache_labels(split), s.labels)  # labels last: marks the split complete
+        if not run.cache_labels(split, size).is_file():
+            save_npy(run.cache_images(split, size), s.images)
+            save_npy(run.cache_labels(split, size), s.labels)  # labels last: marks it complete
 
 
-def load_cached(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images memory-mapped read-only, labels) of a cached split."""
-    labels = load_npy(run.cache_labels(split))
-    images = np.load(run.cache_images(split), mmap_mode="r", allow_pickle=False)
+def base_size(run: RunDir) -> int:
+    """The side of the images in the run's own cache (the data's stored size)."""
+    return int(np.load(run.cache_images("train"), mmap_mode="r", allow_pickle=False).shape[1])
+
+
+def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int] = ()) -> None:
+    """Cache the run's data for the workers: at the data's own size, and made again from the
+    originals at every size in ``sizes`` above it (checked to hold the same examples)."""
+    source = DataSource.from_dict(record.data)
+    if not run.cache_labels("val").is_file():
+        log.info("caching the data arrays for the workers")
+        cache_data(run, load_data(source))
+    base = base_size(run)
+    for size in sorted({int(s) for s in sizes if s > base}):
+        if run.cache_labels("val", size).is_file():
+            continue
+        log.info("making the data at %d px from the originals", size)
+        bundle = load_data(source, min_size=size)
+        for split in ("train", "val"):
+            if not np.array_equal(bundle.split(split).labels, load_npy(run.cache_labels(split))):
+                raise SpecialistsError(
+                    f"{source.describe()}: the {split} split at {size} px does not hold the same "
+                    "examples as at the data's own size"
+                )
+        cache_data(run, bundle, size)
+
+
+def load_cached(run: RunDir, split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images memory-mapped read-only, labels) of a cached split: the smallest cache whose
+    images are at least ``size`` pixels (default: the data's own)."""
+    at = None if size is None or size <= base_size(run) else size
+    if at is not None and not run.cache_labels(split, at).is_file():
+        raise SpecialistsError(
+            f"{run.cache_dir(at)}: no data cached at {at} px (`specialists train` makes it)"
+        )
+    labels = load_npy(run.cache_labels(split, at))
+    images = np.load(run.cache_images(split, at), mmap_mode="r", allow_pickle=False)
     return images, labels
 
 
@@ -67,17 +113,22 @@ class JobContext:
 
 
 def start_job(
-    run_root: str | Path, *, device: str = "auto", threads: int | None = None
+    run_root: str | Path,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    input_size: int | None = None,
 ) -> JobContext:
-    """Set a job up from its run directory (``threads``: CPU threads when on the CPU)."""
+    """Set a job up from its run directory (``threads``: CPU threads when on the CPU;
+    ``input_size``: the job's model needs images at least that large)."""
     started = time.perf_counter()
     run = RunDir.of(run_root)
     dev = resolve_device(device)
     if dev.type == "cpu":
         set_cpu_threads(threads)
     generalist, record = load_generalist(run, dev)
-    train_images, train_labels = load_cached(run, "train")
-    val_images, val_labels = load_cached(run, "val")
+    train_images, train_labels = load_cached(run, "train", input_size)
+    val_images, val_labels = load_cached(run, "val", input_size)
     train_tf, eval_tf = make_transforms(record)
     return JobContext(
         run,

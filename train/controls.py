@@ -35,7 +35,7 @@ from specialists.sources import load_data
 from specialists.storage import load_json, save_json
 from specialists.transforms import make_transforms
 
-from ._job import save_artifact, start_job
+from ._job import cache_sizes, save_artifact, start_job
 from .launch import Job, JobResult, run_jobs
 from .loop import (
     build_optimizer,
@@ -43,7 +43,7 @@ from .loop import (
     shuffled_batches,
     train_one_epoch,
 )
-from .specialist import SpecialistConfig, specialist_job
+from .specialist import SpecialistConfig, specialist_jobs
 
 __all__ = ["evaluate_controls", "fine_tune", "finetune_job", "random_groups", "run_controls"]
 
@@ -155,10 +155,7 @@ def control_jobs(run: RunDir, *, seed: int = 0) -> tuple[list[Job], SpecialistCo
     random_run = run.ensemble(RunDir.RANDOM_CONTROL)
     save_json(random_run.clusters, {"groups": [{"classes": g} for g in rand], "seed": seed})
     n = len(specialists)
-    jobs = [
-        specialist_job(i, g, grec.weights_sha256, out=random_run.specialists_subdir)
-        for i, g in enumerate(rand)
-    ]
+    jobs = specialist_jobs(rand, grec, cfg, out=random_run.specialists_subdir)
     jobs.append(finetune_job(0, RunDir.EXTRA_CONTROL, examples=total, seed=seed))
     jobs += [
         finetune_job(i, RunDir.PLAIN_CONTROL, examples=max(1, total // n), seed=seed + 1 + i)
@@ -181,6 +178,8 @@ def run_controls(
     run = RunDir.of(run_dir)
     run.require_generalist()
     jobs, cfg = control_jobs(run, seed=seed)
+    grec = generalist_record(run)
+    cache_sizes(run, grec, [j.inputs["input_size"] or 0 for j in jobs if "input_size" in j.inputs])
     results = run_jobs(
         run,
         jobs,

@@ -49,7 +49,7 @@ from specialists.sources import load_unlabelled
 from specialists.storage import atomic_write_text, load_npy, save_npy
 
 from ._faults import maybe_die
-from ._job import JobContext, save_artifact, start_job
+from ._job import JobContext, base_size, cache_sizes, save_artifact, start_job
 from ._state import checkpoint, resume
 from .launch import Job, JobResult, run_jobs
 from .loop import (
@@ -193,25 +193,41 @@ def _check_student(cfg: DistillConfig, grec: GeneralistRecord) -> None:
         apply_checkpoint(model, load_checkpoint_weights(init), init)
 
 
-def _cache_transfer(run: RunDir, cfg: DistillConfig, grec: GeneralistRecord) -> None:
+def _cache_transfer(
+    run: RunDir, cfg: DistillConfig, grec: GeneralistRecord, size: int | None
+) -> None:
     """Read the transfer images once, in the driver (a bad folder is one line here, not a failed
-    job), into the run's cache at the generalist's image size."""
+    job), into the run's cache at the data's own size, or at ``size`` for a teacher whose
+    specialists need larger images."""
     if cfg.transfer is None:
         return
-    path = run.transfer_cache(cfg.transfer)
+    path = run.transfer_cache(cfg.transfer, size)
     if path.is_file():
         return
-    size = int(np.load(run.cache_images("train"), mmap_mode="r").shape[1])
+    size = size or base_size(run)
     images = load_unlabelled(cfg.transfer, size=size, channels=grec.in_chans, seed=cfg.seed)
     log.info("%d transfer images from %s, used without labels", len(images), cfg.transfer)
     save_npy(path, images)
 
 
-def distill_job(run: RunDir, teacher: str, grec: GeneralistRecord) -> Job:
-    """The launcher's job that distils the student of ``teacher`` (a key of ``TEACHERS``)."""
+def _teacher_size(run: RunDir, teacher: str, grec: GeneralistRecord) -> int:
+    """The largest input size among the teacher's models."""
+    variant, _ = TEACHERS[teacher]
+    if variant == "":
+        return grec.input_size
+    records = load_specialists(run, grec, variant=variant)
+    return max([grec.input_size] + [r.size(grec) for r in records])
+
+
+def distill_job(
+    run: RunDir, teacher: str, grec: GeneralistRecord, input_size: int | None = None
+) -> Job:
+    """The launcher's job that distils the student of ``teacher`` (a key of ``TEACHERS``);
+    ``input_size``: the teacher needs images that large (specialists with their own size)."""
     _, out = TEACHERS[teacher]
     identity = {"teacher": teacher, "teacher_sha256": _teacher_sha256(run, teacher, grec)}
-    return Job(0, out, distill_task, StudentRecord, inputs=identity, identity=identity)
+    inputs = {**identity, "input_size": input_size}
+    return Job(0, out, distill_task, StudentRecord, inputs=inputs, identity=identity)
 
 
 def run_distill(
@@ -246,8 +262,22 @@ def run_distill(
         teachers.append("generalist")
         if run.ensemble(RunDir.RANDOM_CONTROL).combination.is_file():
             teachers.append("random groups")
-    jobs = [distill_job(run, t, grec) for t in teachers]
-    _cache_transfer(run, cfg, grec)
+    for t in teachers:  # a missing teacher is its own clear error, before anything else
+        _teacher_sha256(run, t, grec)
+    sizes = {t: _teacher_size(run, t, grec) for t in teachers}
+    size = max(sizes.values())
+    if size > grec.input_size and cfg.teacher_mode == "online":
+        raise SpecialistsError(
+            f"--teacher online: the specialists take {size} px inputs, the student "
+            f"{grec.input_size} px; the teacher must see the originals (use --teacher cached)"
+        )
+    cache_sizes(run, grec, [size])
+    above = size if size > base_size(run) else None
+    jobs = [
+        distill_job(run, t, grec, sizes[t] if sizes[t] > grec.input_size else None)
+        for t in teachers
+    ]
+    _cache_transfer(run, cfg, grec, above)
     return run_jobs(
         run,
         jobs,
@@ -268,20 +298,21 @@ def run_distill(
 def _teacher(
     ctx: JobContext, teacher: str, cfg: DistillConfig
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """q (B, K) of ``teacher`` for a transformed batch."""
+    """q (B, K) of ``teacher`` for a transformed batch (and the uint8 batch it was made from,
+    which specialists with their own input size resize from)."""
     variant, _ = TEACHERS[teacher]
     if variant == "":
         generalist = ctx.generalist
 
         @torch.no_grad()
-        def generalist_q(x: torch.Tensor) -> torch.Tensor:
+        def generalist_q(x: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
             return torch.softmax(generalist(x).float(), 1)
 
         return generalist_q
     ensemble = Ensemble.load(
         ctx.run.root, str(ctx.device), variant=variant, top_n=cfg.teacher_top_n or None
     )
-    return lambda x: ensemble.combine_transformed(x)[0]
+    return lambda x, raw=None: ensemble.combine_transformed(x, raw)[0]
 
 
 def _student_model(ctx: JobContext, cfg: DistillConfig) -> nn.Module:
@@ -306,7 +337,7 @@ def _teacher_q(
     out = []
     for start in range(0, len(images), 512):
         x = torch.from_numpy(np.array(images[start : start + 512])).to(ctx.device)
-        out.append(teach(ctx.eval_transform(x)).float().cpu())
+        out.append(teach(ctx.eval_transform(x), x).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -315,7 +346,8 @@ def distill_task(
 ) -> StudentRecord:
     """Distil the student of ``job.inputs["teacher"]`` into ``RUN/<job.out>/``."""
     teacher_name = job.inputs["teacher"]
-    ctx = start_job(run_root, device=device, threads=threads)
+    size = job.inputs.get("input_size")
+    ctx = start_job(run_root, device=device, threads=threads, input_size=size)
     run, dev, grec = ctx.run, ctx.device, ctx.record
     paths = run.student(job.out)
     teach = _teacher(ctx, teacher_name, cfg)
@@ -323,7 +355,8 @@ def distill_task(
     images = np.array(ctx.train_images)  # a private, writable copy of the memory map
     labels = ctx.train_labels.astype(np.int64)
     if cfg.transfer is not None:
-        extra = load_npy(run.transfer_cache(cfg.transfer))
+        above = size if size is not None and size > base_size(run) else None
+        extra = load_npy(run.transfer_cache(cfg.transfer, above))
         images = np.concatenate([images, extra])
         labels = np.concatenate([labels, np.full(len(extra), -1, dtype=np.int64)])
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)

@@ -9,19 +9,17 @@ from specialists import manifest
 from specialists.artifacts import generalist_record, load_groups
 from specialists.calibrate import calibrate_run
 from specialists.config import write_config
-from specialists.data import DataSource
 from specialists.errors import SpecialistsError
 from specialists.evaluate import evaluate_run
 from specialists.grouping import cluster_run, summarize_clusters
 from specialists.run import RunDir
-from specialists.sources import load_data
 from specialists.storage import load_json
 
-from ._job import cache_data
+from ._job import cache_sizes
 from .distill import DistillConfig, run_distill
 from .generalist import GeneralistConfig, train_generalist
 from .launch import JobResult, run_jobs
-from .specialist import SpecialistConfig, specialist_job
+from .specialist import SpecialistConfig, specialist_jobs
 
 __all__ = ["DEMO_DISTILL", "DEMO_GENERALIST", "DEMO_SPECIALISTS", "run_demo", "train_specialists"]
 
@@ -56,10 +54,8 @@ def train_specialists(
         raise SpecialistsError(
             f"--only {bad[0]}: no such group (the run has groups 0..{len(groups) - 1})"
         )
-    jobs = [specialist_job(i, groups[i], grec.weights_sha256) for i in ids]
-    if not run.cache_labels("val").is_file():
-        log.info("caching the data arrays for the workers")
-        cache_data(run, load_data(DataSource.from_dict(grec.data)))
+    jobs = specialist_jobs(groups, grec, cfg, ids=ids)
+    cache_sizes(run, grec, [cfg.member(i, grec)[1] for i in ids])
     write_config(run.specialists_config, cfg)
     results = run_jobs(
         run,

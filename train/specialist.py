@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models import group_parameters
 from torch import nn
 
+from specialists.artifacts import generalist_record
 from specialists.dustbin import build_specialist, group_hash, prior_offsets, project_to_group
 from specialists.errors import SpecialistsError
-from specialists.models import get_classifier, predict_proba
-from specialists.records import SpecialistRecord
+from specialists.models import (
+    apply_checkpoint,
+    create_model,
+    get_classifier,
+    load_checkpoint_weights,
+    predict_proba,
+)
+from specialists.records import GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
 from specialists.storage import load_npy
+from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
 from ._job import save_artifact, start_job
@@ -34,6 +43,7 @@ __all__ = [
     "EnrichedBatchSampler",
     "SpecialistConfig",
     "specialist_job",
+    "specialist_jobs",
     "specialist_task",
     "train_specialist",
 ]
@@ -72,8 +82,31 @@ class SpecialistConfig:
     correction: str = "gated"  # gated | natural | none
     seed: int = 0
     amp: str = "auto"
+    # What a specialist is (default: the generalist's architecture at the generalist's input
+    # size). One of the generalist's architecture starts from its weights at any input size;
+    # another starts fresh, or from `checkpoint` (local weights; the head is always new).
+    model: str | None = None
+    input_size: int | None = None
+    checkpoint: str | None = None
+    # Per-group overrides of the three above: {group id: {model: ..., input_size: ...}}.
+    groups: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.input_size is not None and self.input_size < 8:
+            raise ValueError(f"input_size must be >= 8, got {self.input_size}")
+        for key, over in self.groups.items():
+            try:
+                int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"groups: {key!r} is not a group id") from None
+            unknown = set(over) - MEMBER_KEYS if isinstance(over, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(
+                    f"groups: {key}: expected a mapping with keys among {', '.join(sorted(MEMBER_KEYS))}"
+                )
+            size = over.get("input_size")
+            if size is not None and (not isinstance(size, int) or size < 8):
+                raise ValueError(f"groups: {key}: input_size must be an integer >= 8, got {size!r}")
         if not 0 < self.enrich_fraction < 1:
             raise ValueError(f"enrich_fraction must be in (0, 1), got {self.enrich_fraction}")
         if self.trainable not in ("all", "last", "head"):
@@ -84,6 +117,23 @@ class SpecialistConfig:
             raise ValueError(f"soft_weight must be in [0, 1], got {self.soft_weight}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
+
+    def member(self, index: int, generalist: GeneralistRecord) -> tuple[str, int, str | None]:
+        """(architecture, input size, checkpoint) of specialist ``index``: its group's override,
+        else the run-wide setting, else the generalist's."""
+        over = self.groups.get(index, self.groups.get(str(index), {}))
+        # a group's own model does not inherit the run-wide checkpoint (made for another model)
+        ckpt = (
+            over.get("checkpoint") if "model" in over else over.get("checkpoint", self.checkpoint)
+        )
+        return (
+            over.get("model") or self.model or generalist.architecture,
+            int(over.get("input_size") or self.input_size or generalist.input_size),
+            ckpt,
+        )
+
+
+MEMBER_KEYS = {"model", "input_size", "checkpoint"}
 
 
 class EnrichedBatchSampler:
@@ -158,26 +208,125 @@ def _set_trainable(model: nn.Module, trainable: str) -> None:
         p.requires_grad_(id(p) in keep)
 
 
+def check_member(
+    arch: str, size: int, ckpt: str | None, grec: GeneralistRecord, *, what: str
+) -> None:
+    """One clear line when a specialist's architecture, input size or checkpoint cannot work:
+    an unknown timm model, an input size below the generalist's (a specialist should see at least
+    as much), a missing checkpoint."""
+    if not timm.is_model(arch):
+        create_model(arch, 2)  # raises the "unknown timm model" error with suggestions
+    if size < grec.input_size:
+        raise SpecialistsError(
+            f"{what}: input size {size} is below the generalist's {grec.input_size}; a specialist "
+            "sees its images at least as large as the generalist does"
+        )
+    if ckpt is not None:  # loads it once here, so a bad file stops before any job starts
+        path = str(Path(ckpt).expanduser())
+        model = create_model(arch, 2, grec.in_chans, size)
+        apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
+
+
+def _specialist_model(
+    generalist: nn.Module,
+    grec: GeneralistRecord,
+    classes: list[int],
+    cfg: SpecialistConfig,
+    *,
+    arch: str,
+    size: int,
+    ckpt: str | None,
+    sample: torch.Tensor,
+    index: int,
+) -> nn.Module:
+    """The specialist before training: the generalist's copy with a new head (its architecture,
+    any input size: convolution weights do not depend on it), or a fresh model of another
+    architecture, or one started from a local checkpoint (its head replaced)."""
+    if arch == grec.architecture and ckpt is None:
+        model = build_specialist(
+            generalist, classes, sample=sample, head_init=cfg.head_init, seed=cfg.seed + index
+        )
+    else:
+        if cfg.head_init == "copy":
+            raise SpecialistsError(
+                f"specialist {index}: head_init copy needs the generalist's own weights "
+                f"({arch}{' from ' + str(ckpt) if ckpt else ''} has none of them)"
+            )
+        torch.manual_seed(cfg.seed + index)
+        model = create_model(arch, len(classes) + 1, grec.in_chans, size)
+        if ckpt is not None:
+            path = str(Path(ckpt).expanduser())
+            apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
+    if size != grec.input_size:
+        device = next(generalist.parameters()).device
+        probe = torch.zeros(2, grec.in_chans, size, size, device=device)
+        was_training = model.training
+        model.to(device).eval()
+        try:
+            with torch.no_grad():
+                model(probe)
+        except Exception as e:  # a model fixed to one input size (a transformer's patch grid)
+            raise SpecialistsError(
+                f"specialist {index}: {arch} does not take {size} px inputs "
+                f"({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from e
+        model.train(was_training)
+    return model
+
+
 def specialist_job(
-    index: int, classes: list[int], generalist_sha256: str, out: str = RunDir.SPECIALISTS
+    index: int,
+    classes: list[int],
+    generalist_sha256: str,
+    out: str = RunDir.SPECIALISTS,
+    *,
+    member: tuple[str, int | None, str | None] | None = None,
 ) -> Job:
     """The launcher's job that trains specialist ``index`` for ``classes`` into ``RUN/<out>/``; an
-    artifact already there counts as done when it is for the same group of the same generalist."""
+    artifact already there counts as done when it is for the same group of the same generalist
+    (and, with ``member`` = (architecture, input size or None for the generalist's, checkpoint),
+    of the same architecture at the same input size)."""
     classes = sorted(int(c) for c in classes)
-    return Job(
-        index,
-        out,
-        specialist_task,
-        SpecialistRecord,
-        inputs={"classes": classes},
-        identity={"group_hash": group_hash(classes, generalist_sha256)},
-    )
+    identity: dict = {"group_hash": group_hash(classes, generalist_sha256)}
+    inputs: dict = {"classes": classes}
+    if member is not None:
+        arch, size, ckpt = member
+        identity.update(architecture=arch, input_size=size)
+        inputs.update(architecture=arch, input_size=size, checkpoint=ckpt)
+    return Job(index, out, specialist_task, SpecialistRecord, inputs=inputs, identity=identity)
+
+
+def specialist_jobs(
+    groups: list[list[int]],
+    grec: GeneralistRecord,
+    cfg: SpecialistConfig,
+    *,
+    ids: list[int] | range | None = None,
+    out: str = RunDir.SPECIALISTS,
+) -> list[Job]:
+    """The launcher's jobs for ``groups`` (only ``ids``), every specialist's architecture, input
+    size and checkpoint checked first, so bad settings stop before any job starts."""
+    unknown = sorted(int(k) for k in cfg.groups if not 0 <= int(k) < len(groups))
+    if unknown:
+        raise SpecialistsError(
+            f"groups: {unknown[0]}: no such group (the run has groups 0..{len(groups) - 1})"
+        )
+    jobs = []
+    for i in range(len(groups)) if ids is None else ids:
+        arch, size, ckpt = cfg.member(i, grec)
+        check_member(arch, size, ckpt, grec, what=f"specialist {i}")
+        member = (arch, None if size == grec.input_size else size, ckpt)
+        jobs.append(specialist_job(i, groups[i], grec.weights_sha256, out, member=member))
+    return jobs
 
 
 def specialist_task(
     run_root: str, job: Job, cfg: SpecialistConfig, *, device: str, threads: int | None
 ) -> SpecialistRecord:
     """A specialist job, as the launcher runs it."""
+    member = None
+    if "architecture" in job.inputs:
+        member = tuple(job.inputs[k] for k in ("architecture", "input_size", "checkpoint"))
     return train_specialist(
         run_root,
         job.id,
@@ -186,6 +335,7 @@ def specialist_task(
         device=device,
         threads=threads,
         out=job.out,
+        member=member,
     )
 
 
@@ -199,10 +349,16 @@ def train_specialist(
     threads: int | None = None,
     progress: bool = False,
     out: str = RunDir.SPECIALISTS,
+    member: tuple[str, int | None, str | None] | None = None,
 ) -> SpecialistRecord:
     """Train specialist ``index`` for ``classes`` and write its weights and record into
-    ``RUN/<out>/`` (default the run's own specialists)."""
-    ctx = start_job(run_dir, device=device, threads=threads)
+    ``RUN/<out>/`` (default the run's own specialists). ``member``: (architecture, input size,
+    checkpoint), by default ``cfg.member(index, ...)``."""
+    grec = generalist_record(RunDir.of(run_dir))
+    arch, size, ckpt = member if member is not None else cfg.member(index, grec)
+    size = size or grec.input_size
+    check_member(arch, size, ckpt, grec, what=f"specialist {index}")
+    ctx = start_job(run_dir, device=device, threads=threads, input_size=size)
     run, dev, generalist, grec = ctx.run, ctx.device, ctx.generalist, ctx.record
     classes = sorted(int(c) for c in classes)
     if not classes or min(classes) < 0 or max(classes) >= grec.n_classes:
@@ -211,7 +367,9 @@ def train_specialist(
         )
     train_images, train_labels = ctx.train_images, ctx.train_labels
     val_images, val_labels = ctx.val_images, ctx.val_labels
-    train_tf, eval_tf = ctx.train_transform, ctx.eval_transform
+    # the specialist's own view at its input size; the generalist's is ctx.eval_transform
+    train_tf = BatchTransform(grec.mean, grec.std, size, augment=True, hflip=grec.hflip)
+    eval_tf = BatchTransform(grec.mean, grec.std, size)
     images_t = torch.from_numpy(np.array(train_images))  # a private in-memory copy of the map
 
     torch.manual_seed(cfg.seed + index)
@@ -225,9 +383,9 @@ def train_specialist(
     )
     rng = np.random.default_rng([cfg.seed, index, 1])
     sample_idx = rng.choice(len(train_labels), size=min(512, len(train_labels)), replace=False)
-    sample = eval_tf(images_t[torch.from_numpy(np.sort(sample_idx))].to(dev))
-    model = build_specialist(
-        generalist, classes, sample=sample, head_init=cfg.head_init, seed=cfg.seed + index
+    sample = ctx.eval_transform(images_t[torch.from_numpy(np.sort(sample_idx))].to(dev))
+    model = _specialist_model(
+        generalist, grec, classes, cfg, arch=arch, size=size, ckpt=ckpt, sample=sample, index=index
     )
     model.to(dev)
     _set_trainable(model, cfg.trainable)
@@ -248,6 +406,8 @@ def train_specialist(
         if a == 0:
             return hard
         with torch.no_grad():
+            if size != grec.input_size:  # the generalist sees the same crop at its own size
+                x = F.interpolate(x, size=(grec.input_size,) * 2, mode="bilinear", antialias=True)
             teacher = project_to_group(torch.softmax(generalist(x).float() / T, 1), cls_t)
         soft = F.kl_div(F.log_softmax(logits / T, 1), teacher, reduction="batchmean") * T * T
         return (1 - a) * hard + a * soft
@@ -338,14 +498,15 @@ def train_specialist(
     return save_artifact(
         run.artifact(out, index),
         model,
-        metadata={"architecture": grec.architecture, "classes": len(classes)},
+        metadata={"architecture": arch, "classes": len(classes)},
         make_record=lambda weights_sha256: SpecialistRecord(
             id=index,
             classes=classes,
             class_names=[grec.class_names[c] for c in classes],
             group_hash=group_hash(classes, grec.weights_sha256),
             generalist_sha256=grec.weights_sha256,
-            architecture=grec.architecture,
+            architecture=arch,
+            input_size=None if size == grec.input_size else size,
             train_fraction=cfg.enrich_fraction,
             natural_prior=natural,
             gated_prior=gated,
