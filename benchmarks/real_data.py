@@ -163,8 +163,8 @@ def table(rows: list[dict]) -> str:
         c = m.get("combination", {})
         comb = f"top-{m['top_n']} w={c.get('spec_weight', 1):g} {c.get('correction') or 'trained'}"
         if c.get("keep") == []:
-            z = (c.get("validation_gain") or {}).get("z")
-            comb = "generalist alone" + (f" (z={z:.2f})" if z is not None else "")
+            p = (c.get("validation_gain") or {}).get("p_value")
+            comb = "generalist alone" + (f" (p={p:.2g})" if p is not None else "")
         kept = len(c["keep"]) if c.get("keep") is not None else m["n_specialists"]
         groups = f"{kept}/{len(m['group_sizes'])}"
         lines.append(

@@ -617,11 +617,12 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--min-gain-z",
+        "--alpha",
         type=float,
-        default=2.0,  # calibrate.MIN_GAIN_Z (a test holds them equal); the parser stays light
-        help="keep the specialists only if the ensemble beats the generalist on validation by "
-        "this many standard errors (McNemar's z; default 2; -inf: always keep them)",
+        default=0.05,  # calibrate.ALPHA (a test holds them equal); the parser stays light
+        help="keep the specialists only if the combination chosen on one half of validation beats "
+        "the generalist on the other half at this level (exact binomial test; default 0.05; "
+        "1: always keep them)",
     )
 
 
@@ -629,7 +630,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_run
 
     comb = calibrate_run(
-        args.run, args.device, say=print, progress=not args.quiet, min_gain_z=args.min_gain_z
+        args.run, args.device, say=print, progress=not args.quiet, alpha=args.alpha
     )
     path = RunDir.of(args.run).combination
     print(f"written to {path} ({len(comb.chosen_on['grid'])} settings scored)")

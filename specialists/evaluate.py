@@ -111,13 +111,19 @@ def format_metrics(m: dict) -> str:
     )
     c = m.get("combination")
     if c and c.get("keep") == [] and c.get("validation_gain"):
-        g, z_min = c["validation_gain"], c.get("min_gain_z", 2)
-        z_min = f"{z_min:g}" if isinstance(z_min, (int, float)) else z_min  # "inf" is a string
-        lines.append(
-            "combination (chosen on validation): the generalist alone; the best combination "
-            f"of the specialists beat it on {g['wins']} validation images and lost on "
-            f"{g['losses']}, z = {g['z']:.2f} < {z_min}: within noise"
-        )
+        g = c["validation_gain"]
+        if "p_value" in g:
+            lines.append(
+                "combination (chosen on validation): the generalist alone; the best combination "
+                f"of the specialists beat it on {g['wins']} confirmation images and lost on "
+                f"{g['losses']}, p = {g['p_value']:.3g} > {c.get('alpha', 0.05):g}: not confirmed"
+            )
+        else:  # a combination chosen before the confirmation half existed
+            lines.append(
+                "combination (chosen on validation): the generalist alone; the best combination "
+                f"of the specialists beat it on {g['wins']} validation images and lost on "
+                f"{g['losses']}, z = {g['z']:.2f}: within noise"
+            )
     elif c:
         lines.append(
             f"combination ({'chosen on validation' if c.get('calibrated') else 'fixed'}): "
@@ -292,7 +298,7 @@ def evaluate_run(
                 **{k: v for k, v in ens.combination.to_dict().items() if k != "chosen_on"},
                 "calibrated": bool(ens.combination.chosen_on),
                 "validation_gain": ens.combination.chosen_on.get("gain"),
-                "min_gain_z": ens.combination.chosen_on.get("min_gain_z"),
+                "alpha": ens.combination.chosen_on.get("alpha"),
             },
             "generalist_images_per_second": round(g_ips, 1),
             "ensemble_images_per_second": round(e_ips, 1),

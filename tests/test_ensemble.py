@@ -1,18 +1,22 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from specialists.calibrate import (
-    MIN_GAIN_Z,
+    ALPHA,
     calibrate_run,
     collect,
     kept_specialists,
     paired_gain,
     score,
+    select_and_confirm,
+    split_halves,
+    subset,
 )
 from specialists.cli import main
 from specialists.combination import Combination
@@ -148,23 +152,58 @@ def test_training_calibrates_the_combination_on_validation(trained_run):
     assert len(grid) == 3 * 5 * 3  # top-n x weights x corrections
     best = comb.chosen_on.get("best_accuracy", comb.chosen_on["accuracy"])
     assert best == max(g["accuracy"] for g in grid)
-    # the specialists are kept only when the best point beats the generalist beyond noise
+    # the specialists are kept only when the choice is confirmed on the other half
     gain = comb.chosen_on["gain"]
-    assert (comb.keep == []) == (gain["z"] < MIN_GAIN_Z)
+    assert (comb.keep == []) == (gain["p_value"] > ALPHA)
     recs = Ensemble.load(run.root, combination=Combination()).all_specialists
     rule = kept_specialists(recs)
     if comb.keep != []:
         assert comb.keep == (None if len(rule) == len(recs) else rule)
-    # the stored score is reproduced from scratch on the validation split
+    # the stored score is reproduced from scratch on the selection half of the validation split
     val = load_data(TINY_DATA).val
     col = collect(Ensemble.load(run.root, combination=Combination()), val.images, val.labels)
-    assert score(col, comb)["accuracy"] == pytest.approx(comb.chosen_on["accuracy"], abs=1e-6)
+    sel, _ = split_halves(val.labels, 0)
+    assert comb.chosen_on["n_selection"] == len(sel)
+    assert score(subset(col, sel), replace(comb, keep=comb.keep or None))[
+        "accuracy"
+    ] == pytest.approx(best, abs=1e-6)
     # loading uses the calibrated combination unless told otherwise
     ens = Ensemble.load(run.root)
     assert (ens.top_n, ens.combination.spec_weight) == (comb.top_n, comb.spec_weight)
     kept = [r.id for r in recs] if comb.keep is None else comb.keep
     assert [s.id for s in ens.specialists] == kept
     assert Ensemble.load(run.root, top_n=3).top_n == 3
+
+
+def test_the_choice_never_looks_at_the_confirmation_half(trained_run):
+    val = load_data(TINY_DATA).val
+    col = collect(Ensemble.load(trained_run, combination=Combination()), val.images, val.labels)
+    select, confirm = split_halves(val.labels, 0)
+    assert len(np.intersect1d(select, confirm)) == 0 and len(select) + len(confirm) == len(val)
+    assert abs(len(select) - len(confirm)) <= len(np.unique(val.labels))  # halves, per class
+    # wreck what the confirmation half holds: its labels and the specialists' outputs on it
+    # (the generalist's are left, since they decide which specialist ran on which image)
+    g = torch.Generator().manual_seed(0)
+    wrecked = replace(col, labels=col.labels.copy(), logits=[])
+    wrecked.labels[confirm] = (wrecked.labels[confirm] + 1) % 12
+    for rows, logits in zip(col.rows, col.logits):
+        hit = torch.from_numpy(np.isin(rows.numpy(), confirm))
+        noisy = logits.clone()
+        noisy[hit] = torch.randn(int(hit.sum()), logits.shape[1], generator=g).double()
+        wrecked.logits.append(noisy)
+    halves = (select, confirm)  # the split itself is stratified by the (unwrecked) labels
+    a, b = select_and_confirm(col, 0), select_and_confirm(wrecked, 0, halves=halves)
+    assert a.chosen_on["grid"] == b.chosen_on["grid"]
+    assert (a.top_n, a.spec_weight, a.correction, a.keep) == (
+        b.top_n,
+        b.spec_weight,
+        b.correction,
+        b.keep,
+    )
+    assert a.chosen_on["confirmation_accuracy"] != b.chosen_on["confirmation_accuracy"]
+    # and the confirmation half is what the stored gain was measured on
+    conf = subset(col, confirm)
+    assert a.chosen_on["gain"] == paired_gain(conf, score(conf, a)["q"])
 
 
 def test_paired_gain_by_hand():
@@ -174,21 +213,27 @@ def test_paired_gain_by_hand():
     p_g = torch.eye(3)[[0, 1, 2, 1, 2, 0, 1]]  # right on the first 3 only
     q = torch.eye(3)[[0, 1, 0, 0, 1, 2, 1]]  # loses example 2, wins 3, 4 and 5; both miss 6
     col = SimpleNamespace(labels=labels, p_g=p_g)
-    assert paired_gain(col, q) == {"wins": 3, "losses": 1, "z": round(2 / math.sqrt(4), 4)}
-    assert paired_gain(col, p_g)["z"] == 0.0  # never disagree
+    # one-sided exact binomial: P(X >= 3 | n = 4, 1/2) = 5/16
+    assert paired_gain(col, q) == {
+        "wins": 3,
+        "losses": 1,
+        "z": round(2 / math.sqrt(4), 4),
+        "p_value": 0.3125,
+    }
+    assert paired_gain(col, p_g)["z"] == 0.0 and paired_gain(col, p_g)["p_value"] == 1.0
 
 
 def test_a_gain_within_noise_falls_back_to_the_generalist(trained_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
     said = []
-    # no threshold: the best point of the grid, specialists kept by the in-group rule
-    comb = calibrate_run(out, min_gain_z=-math.inf, say=said.append)
+    # no test: the best point of the grid, specialists kept by the in-group rule
+    comb = calibrate_run(out, alpha=1.0, say=said.append)
     assert comb.keep != [] and "generalist alone" not in said[-1]
-    # an unreachable threshold: no specialist, and the ensemble is the generalist itself
-    comb = calibrate_run(out, min_gain_z=math.inf, say=said.append)
+    # an unreachable level: no specialist, and the ensemble is the generalist itself
+    comb = calibrate_run(out, alpha=0.0, say=said.append)
     assert comb.keep == [] and "specialists kept: none" in said[-1]
-    assert "within noise; the ensemble answers with the generalist alone" in said[-2]
+    assert "not confirmed; the ensemble answers with the generalist alone" in said[-2]
     assert comb.chosen_on["accuracy"] == comb.chosen_on["generalist_accuracy"]
     assert comb.chosen_on["best_accuracy"] > 0
     ens = Ensemble.load(out)
@@ -209,10 +254,10 @@ def test_calibrate_command(trained_run, tmp_path, capsys):
     (out / "ensemble.json").unlink()
     assert main(["calibrate", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "combination chosen on 120 validation images" in printed
+    assert "combination chosen on 60 of 120 validation images" in printed
     assert f"written to {out / 'ensemble.json'}" in printed
     chosen_on = json.loads((out / "ensemble.json").read_text())["chosen_on"]
-    assert chosen_on["split"] == "val" and chosen_on["min_gain_z"] == MIN_GAIN_Z  # CLI default
+    assert chosen_on["split"] == "val" and chosen_on["alpha"] == ALPHA  # the CLI's default
     assert main(["calibrate", str(tmp_path / "nowhere"), "--quiet"]) == 2
 
 
