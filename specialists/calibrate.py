@@ -40,7 +40,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,12 @@ __all__ = [
     "Collected",
     "best_point",
     "calibrate_run",
+    "cascade_scan",
     "choose",
     "collect",
     "kept_specialists",
     "paired_gain",
+    "pick_cascade",
     "score",
     "score_grid",
     "select_and_confirm",
@@ -178,9 +181,11 @@ def score(col: Collected, comb: Combination) -> dict:
     labels = torch.from_numpy(col.labels)
     if keep:
         groups = GroupIndex.from_lists([col.records[i].classes for i in keep], col.n_classes)
-        pairs = gate(col.p_g, groups, comb.top_n)
+        pairs = gate(col.p_g, groups, comb.top_n, comb.confidence)
         blocks = []
-        for j, r in enumerate(pairs.per_specialist(len(keep))):
+        per_rows = pairs.per_specialist(len(keep))
+        counts = {col.records[keep[j]].id: len(r) for j, r in enumerate(per_rows)}
+        for j, r in enumerate(per_rows):
             if len(r) == 0:
                 continue
             m = keep[j]
@@ -202,15 +207,59 @@ def score(col: Collected, comb: Combination) -> dict:
         )
         n_active = pairs.n_pairs
     else:
-        q, n_active = col.p_g, 0
+        q, n_active, counts = col.p_g, 0, {}
     correct = q.argmax(1) == labels
     nll = -torch.log(q[torch.arange(len(labels)), labels].clamp_min(1e-12)).mean()
     return {
         "accuracy": float(correct.double().mean()),
         "nll": float(nll),
         "mean_consulted": n_active / max(len(labels), 1),
+        "consulted": counts,  # examples each kept specialist ran on, by id
         "q": q,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The cascade: confident inputs skip the specialists
+
+CASCADE_SHARES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+
+
+def cascade_scan(
+    col: Collected,
+    comb: Combination,
+    speed: Callable[[Combination], float],
+    thresholds: list[float | None] | None = None,
+) -> list[dict]:
+    """``comb`` at each confidence threshold: accuracy on ``col``, specialists consulted per
+    example, and ``speed(combination)``, its measured throughput over the generalist's. Default
+    thresholds: none (no cascade), the generalist confidences below which the
+    ``CASCADE_SHARES`` of the examples fall, and 0 (the generalist alone)."""
+    if thresholds is None:
+        top = col.p_g.max(1).values.float()
+        levels = torch.quantile(top, torch.tensor(CASCADE_SHARES)).tolist() if len(top) else []
+        thresholds = [None, *sorted({round(v, 6) for v in levels}, reverse=True), 0.0]
+    rows = []
+    for t in thresholds:
+        c = replace(comb, confidence=t)
+        s = score(col, c)
+        rows.append(
+            {
+                "threshold": t,
+                "accuracy": round(s["accuracy"], 6),
+                "mean_consulted": round(s["mean_consulted"], 6),  # specialists per example
+                "throughput_ratio": round(float(speed(c)), 4),
+            }
+        )
+    return rows
+
+
+def pick_cascade(scan: list[dict], min_ratio: float) -> dict:
+    """The row of ``scan`` with the best accuracy among those at ``min_ratio`` of the
+    generalist's throughput or more (ties: the faster); the last row (the generalist alone, in
+    ``cascade_scan``'s order) when none is fast enough."""
+    ok = [r for r in scan if r["throughput_ratio"] >= min_ratio] or [scan[-1]]
+    return max(ok, key=lambda r: (r["accuracy"], r["throughput_ratio"]))
 
 
 def kept_specialists(records: list[SpecialistRecord], z: float = 2.0) -> list[int]:
@@ -319,13 +368,22 @@ def calibrate_run(
     say=log.info,
     progress: bool = False,
     alpha: float = ALPHA,
+    min_throughput_ratio: float | None = None,
 ) -> Combination:
     """Choose the run's combination on one half of its validation split, confirm it on the other
     and write ``ensemble.json`` (``progress``: a bar over the grid's settings). A combination
     that does not beat the generalist on the confirmation half at level ``alpha`` (the exact
-    binomial test of ``paired_gain``; 1: always keep it, 0: never) keeps no specialist."""
+    binomial test of ``paired_gain``; 1: always keep it, 0: never) keeps no specialist.
+    ``min_throughput_ratio``: a cascade whose inputs skip the specialists when the generalist is
+    sure enough, the threshold chosen for the best accuracy at that share of the generalist's
+    throughput or more (measured on validation images, see ``cascade_scan``)."""
     if not 0 <= alpha <= 1:
         raise SpecialistsError(f"--alpha {alpha}: must be between 0 and 1")
+    if min_throughput_ratio is not None and not 0 < min_throughput_ratio <= 1:
+        raise SpecialistsError(
+            f"--min-throughput-ratio {min_throughput_ratio}: must be in (0, 1] (the ensemble's "
+            "images per second over the generalist's)"
+        )
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, variant=variant, combination=Combination())
     source = DataSource.from_dict(ens.record.data)
@@ -333,7 +391,13 @@ def calibrate_run(
     if len(val) < 2:
         raise SpecialistsError(f"{run.root}: too few validation examples to calibrate on")
     col = collect(ens, val.images, val.labels)
-    comb = select_and_confirm(col, source.seed, progress=progress)
+    comb = select_and_confirm(
+        col,
+        source.seed,
+        progress=progress,
+        speed=_speed_meter(run.root, device, variant, val.images[:2048]),
+        min_ratio=min_throughput_ratio,
+    )
     gain = comb.chosen_on["gain"]
     comb.chosen_on["split"] = "val"
     comb.chosen_on["alpha"] = alpha
@@ -368,22 +432,61 @@ def calibrate_run(
     return comb
 
 
+def _speed_meter(
+    run_root: Path, device: str, variant: str | None, images: np.ndarray
+) -> Callable[[Combination], float]:
+    """combination -> its ensemble's images/s over the generalist's on ``images``, each the
+    best of two back-to-back timings (one ensemble loaded per set of kept specialists)."""
+    loaded: dict[tuple, Ensemble] = {}
+
+    def speed(comb: Combination) -> float:
+        key = (comb.top_n, comb.spec_weight, comb.correction, str(comb.keep))
+        if key not in loaded:
+            loaded[key] = Ensemble.load(
+                run_root, device, variant=variant, combination=replace(comb, confidence=None)
+            )
+        ens = loaded[key]
+        ens.combination = comb  # the threshold is read at every batch
+        g = e = 0.0
+        for _ in range(2):
+            g_ips, e_ips = ens.throughput(images)
+            g, e = max(g, g_ips), max(e, e_ips)
+        return e / g
+
+    return speed
+
+
 def select_and_confirm(
     col: Collected,
     seed: int,
     *,
     halves: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = False,
+    speed: Callable[[Combination], float] | None = None,
+    min_ratio: float | None = None,
 ) -> Combination:
     """The combination chosen on the selection half of ``col`` (``halves``, by default
     ``split_halves(col.labels, seed)``), with its record of the choice (``chosen_on``) and
     ``gain``, its comparison with the generalist on the confirmation half (None when nothing is
     left to compare). The choice reads the selection half only; the confirmation half is scored
-    once, after it."""
+    once, after it. With ``min_ratio``, the cascade's confidence threshold is chosen on the
+    selection half too: the best accuracy at ``min_ratio`` of the generalist's throughput or
+    more, as ``speed`` (a combination -> its measured throughput over the generalist's) says."""
     select_idx, confirm_idx = halves or split_halves(col.labels, seed)
     sel, conf = subset(col, select_idx), subset(col, confirm_idx)
     keep = kept_specialists(col.records)
     comb, _ = choose(sel, None if len(keep) == len(col.records) else keep, progress=progress)
+    cascade = None
+    if min_ratio is not None and comb.keep != []:
+        if speed is None:
+            raise ValueError("min_ratio needs speed, the measured throughput of a combination")
+        scan = cascade_scan(sel, comb, speed)
+        pick = pick_cascade(scan, min_ratio)
+        comb.confidence = pick["threshold"]
+        comb.chosen_on["accuracy"] = pick["accuracy"]  # the cascade's, on the selection half
+        if pick["threshold"] == 0.0:  # no specialist may run: the generalist alone
+            comb.keep = []
+        cascade = {"min_throughput_ratio": min_ratio, "chosen": pick, "scan": scan}
 
     def generalist_acc(c: Collected) -> float:
         return float((c.p_g.argmax(1).numpy() == c.labels).mean())
@@ -401,6 +504,7 @@ def select_and_confirm(
         "confirmation_accuracy": None if confirmed is None else round(confirmed, 6),
         "dropped": [r.id for r in col.records if comb.keep is not None and r.id not in comb.keep],
         "gain": gain,  # on the confirmation half
+        "cascade": cascade,  # the threshold's scan on the selection half
         **comb.chosen_on,  # the chosen point's accuracy on the selection half, and the grid
     }
     return comb

@@ -337,7 +337,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(format_metrics(m))
     run = RunDir.of(args.run)
-    print(f"written to {run.metrics} and {run.coverage_png}")
+    figures = f"{run.coverage_png}" + (f" and {run.cascade_png}" if "cascade" in m else "")
+    print(f"written to {run.metrics}, {figures}")
     return 0
 
 
@@ -624,13 +625,26 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
         "the generalist on the other half at this level (exact binomial test; default 0.05; "
         "1: always keep them)",
     )
+    p.add_argument(
+        "--min-throughput-ratio",
+        type=float,
+        metavar="R",
+        help="a cascade: inputs the generalist is sure of skip the specialists, the threshold "
+        "chosen for the best validation accuracy at R times the generalist's images/s or more "
+        "(e.g. 0.8; default: no cascade)",
+    )
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_run
 
     comb = calibrate_run(
-        args.run, args.device, say=print, progress=not args.quiet, alpha=args.alpha
+        args.run,
+        args.device,
+        say=print,
+        progress=not args.quiet,
+        alpha=args.alpha,
+        min_throughput_ratio=args.min_throughput_ratio,
     )
     path = RunDir.of(args.run).combination
     print(f"written to {path} ({len(comb.chosen_on['grid'])} settings scored)")

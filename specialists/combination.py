@@ -33,6 +33,9 @@ class Combination:
     correction: str | None = None
     keep: list[int] | None = None
     chosen_on: dict = field(default_factory=dict)  # what the choice was based on (for the record)
+    # the cascade: inputs whose generalist top-1 probability is at least this consult no
+    # specialist (None: every input is gated by its top classes alone)
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
@@ -41,6 +44,8 @@ class Combination:
             raise ValueError(f"spec_weight must be > 0, got {self.spec_weight}")
         if self.correction is not None and self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
+        if self.confidence is not None and not 0 <= self.confidence <= 1:
+            raise ValueError(f"confidence must be in [0, 1], got {self.confidence}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +59,7 @@ class Combination:
                 correction=d.get("correction"),
                 keep=None if d.get("keep") is None else [int(i) for i in d["keep"]],
                 chosen_on=dict(d.get("chosen_on") or {}),
+                confidence=None if d.get("confidence") is None else float(d["confidence"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SpecialistsError(f"{source}: not a valid combination ({e})") from e
@@ -61,9 +67,14 @@ class Combination:
     def describe(self) -> str:
         corr = self.correction or "as trained"
         kept = "all" if self.keep is None else str(len(self.keep)) if self.keep else "none"
+        cascade = (
+            ""
+            if self.confidence is None
+            else f", specialists skipped when the generalist is {100 * self.confidence:.1f}% sure"
+        )
         return (
             f"top-{self.top_n} gating, specialist weight {self.spec_weight:g}, "
-            f"dustbin correction {corr}, specialists kept: {kept}"
+            f"dustbin correction {corr}, specialists kept: {kept}{cascade}"
         )
 
 

@@ -208,7 +208,7 @@ class Ensemble:
         calls this on the student's own augmented batch. Specialists with their own input size
         need ``raw``, the uint8 batch ``x`` was made from, to resize from."""
         p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
-        pairs = gate(p_g, self.groups, self.top_n)
+        pairs = gate(p_g, self.groups, self.top_n, self.combination.confidence)
         outputs = []
         for m, rows in enumerate(pairs.per_specialist(len(self.specialists))):
             if len(rows):

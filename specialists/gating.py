@@ -120,9 +120,13 @@ class ActivePairs(NamedTuple):
         return list(torch.split(self.rows, counts.tolist()))
 
 
-def gate(p_g: Tensor, groups: GroupIndex, top_n: int = 1) -> ActivePairs:
+def gate(
+    p_g: Tensor, groups: GroupIndex, top_n: int = 1, confidence: float | None = None
+) -> ActivePairs:
     """Active pairs: specialist m is active for example b when one of the generalist's top-n
-    classes for b is in S_m (the paper uses n = 1). Ties in p_g are broken by ``torch.topk``."""
+    classes for b is in S_m (the paper uses n = 1). Ties in p_g are broken by ``torch.topk``.
+    ``confidence`` (the cascade): examples whose top generalist probability is at least this
+    activate no specialist."""
     if p_g.dim() != 2 or p_g.shape[1] != groups.n_classes:
         raise ValueError(f"p_g must be (B, {groups.n_classes}), got {tuple(p_g.shape)}")
     if not 1 <= top_n <= groups.n_classes:
@@ -130,5 +134,7 @@ def gate(p_g: Tensor, groups: GroupIndex, top_n: int = 1) -> ActivePairs:
     membership = groups.to(p_g.device).membership  # (M, K)
     top = p_g.topk(top_n, dim=1).indices  # (B, n)
     active = membership[:, top].any(dim=2)  # (M, B)
+    if confidence is not None:
+        active &= (p_g.max(dim=1).values < confidence)[None, :]
     specs, rows = active.nonzero(as_tuple=True)  # row-major: sorted by spec, then row
     return ActivePairs(rows, specs)

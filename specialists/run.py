@@ -11,7 +11,8 @@ RUN/
   specialists.yaml            the specialists' resolved configuration
   specialists/NNN.safetensors, NNN.json (NNN.error.json while a failed job's error stands)
   ensemble.json               the combination chosen on validation
-  metrics.json, coverage.png  the evaluation
+  metrics.json, coverage.png  the evaluation (cascade.png: accuracy against images/s as the
+                              cascade's confidence threshold varies)
   manifest.json               every finished artifact with its size and checksum
   controls/random/            clusters.json, specialists/, ensemble.json of the random groups
   controls/extra/, controls/plain/   the fine-tuned copies (NNN.safetensors, NNN.json)
@@ -190,6 +191,10 @@ class RunDir:
     @property
     def coverage_png(self) -> Path:
         return self.root / "coverage.png"
+
+    @property
+    def cascade_png(self) -> Path:
+        return self.root / "cascade.png"
 
     @property
     def manifest(self) -> Path:

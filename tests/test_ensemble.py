@@ -341,3 +341,73 @@ def test_predict_prints_classes_and_specialists(trained_run, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"")
     assert main(["predict", str(trained_run), str(tmp_path / "bad.png"), "--quiet"]) == 2
     assert "bad.png: unreadable image" in capsys.readouterr().err
+
+
+def test_the_cascade_threshold_scan_by_hand():
+    from types import SimpleNamespace
+
+    from specialists.calibrate import Collected, cascade_scan, pick_cascade
+    from specialists.gating import GroupIndex, gate
+
+    # one specialist for classes {0, 1}; its dustbin never wins; weight 8 lets it decide
+    p_g = torch.tensor(
+        [
+            [0.90, 0.05, 0.03, 0.02],  # sure and right (class 0)
+            [0.60, 0.35, 0.03, 0.02],  # unsure and wrong: class 1, the specialist knows
+            [0.45, 0.50, 0.03, 0.02],  # unsure and wrong: class 0, the specialist knows
+            [0.02, 0.03, 0.90, 0.05],  # outside the group: never consults
+        ],
+        dtype=torch.float64,
+    )
+    labels = np.array([0, 1, 0, 2])
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0]], dtype=torch.float64)
+    rec = SimpleNamespace(id=0, classes=[0, 1], logit_offset=[0.0, 0.0, 0.0], train_fraction=0.5)
+    col = Collected(p_g, labels, [rec], 4, 1, [torch.tensor([0, 1, 2])], [logits])
+    assert gate(p_g, GroupIndex.from_lists([[0, 1]], 4), 1, 0.6).rows.tolist() == [2]
+    comb = Combination(spec_weight=8.0)
+
+    def speed(c):  # a stand-in meter: each consultation costs as much as the generalist
+        return 1 / (1 + score(col, c)["mean_consulted"])
+
+    scan = cascade_scan(col, comb, speed, thresholds=[None, 0.9, 0.6, 0.0])
+    # None: rows 0-2 consult, all right; 0.9: rows 1, 2 consult (0.9 is sure), all right;
+    # 0.6: row 2 only (0.6 is sure), row 1 stays wrong; 0: the generalist alone
+    assert [r["accuracy"] for r in scan] == [1.0, 1.0, 0.75, 0.5]
+    assert [r["mean_consulted"] for r in scan] == [0.75, 0.5, 0.25, 0.0]
+    assert [r["throughput_ratio"] for r in scan] == [
+        round(1 / 1.75, 4),
+        round(1 / 1.5, 4),
+        0.8,
+        1.0,
+    ]
+    assert pick_cascade(scan, 0.5)["threshold"] == 0.9  # best accuracy, then the faster
+    assert pick_cascade(scan, 0.6)["threshold"] == 0.9
+    assert pick_cascade(scan, 0.7)["threshold"] == 0.6
+    assert pick_cascade(scan, 0.9)["threshold"] == 0.0
+
+
+def test_calibrate_with_a_throughput_floor_and_the_evaluation_curve(trained_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    assert (
+        main(["calibrate", str(out), "--quiet", "--alpha", "1", "--min-throughput-ratio", "0.5"])
+        == 0
+    )
+    comb = Combination.from_dict(json.loads((out / "ensemble.json").read_text()))
+    cascade = comb.chosen_on["cascade"]
+    chosen = cascade["chosen"]
+    assert chosen["throughput_ratio"] >= 0.5 or chosen["threshold"] == 0.0
+    assert comb.confidence == chosen["threshold"]
+    fast_enough = [r for r in cascade["scan"] if r["throughput_ratio"] >= 0.5]
+    assert chosen["accuracy"] == max(r["accuracy"] for r in fast_enough)
+    assert cascade["scan"][0]["threshold"] is None and cascade["scan"][-1]["threshold"] == 0.0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    if comb.keep != []:
+        assert (out / "cascade.png").is_file() and "cascade threshold" in capsys.readouterr().out
+        curve = m["cascade"]
+        assert curve[-1]["mean_consulted"] == 0.0 and curve[0]["threshold"] is None
+        assert curve[-1]["accuracy"] == m["generalist_accuracy"]
+    assert main(["calibrate", str(out), "--quiet", "--min-throughput-ratio", "0"]) == 2
+    assert "must be in (0, 1]" in capsys.readouterr().err
