@@ -590,6 +590,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _data(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .data import split_warning
     from .preview import save_sample_grid
     from .sources import load_data, parse_source
 
@@ -604,6 +605,14 @@ def _data(args: argparse.Namespace) -> int:
     )
     if bundle.coarse is not None:
         print(f"  known coarse groups: {int(bundle.coarse.max()) + 1}")
+    if bundle.train.groups is not None:
+        print(
+            f"  validation carved by source: {len(np.unique(bundle.train.groups))} sources in "
+            f"train, {len(np.unique(bundle.val.groups))} in val, none in both"
+        )
+    warning = split_warning(bundle)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.grid:
         save_sample_grid(bundle, args.grid, n_classes=args.classes, per_class=args.per_class)
         print(f"  sample grid written to {args.grid}")

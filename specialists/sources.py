@@ -58,6 +58,9 @@ IMAGE_EXTENSIONS = {
 # int for a number.
 PATH_OPTIONS: dict[str, dict[str, tuple[str, ...] | type]] = {
     "omniglot": {"set": ("background", "evaluation"), "n_train": int, "size": int},
+    # group: a regular expression on each training image's path below its class folder whose
+    # first group (or whole match) names its source; group_csv: a CSV of path,group rows.
+    "folder": {"group": str, "group_csv": str},
 }
 
 
@@ -97,7 +100,16 @@ def parse_source(
                     f"{', '.join(PATH_OPTIONS[kind])}"
                 )
             choices = PATH_OPTIONS[kind][key]
-            if isinstance(choices, tuple):
+            if choices is str:
+                if key == "group":
+                    try:
+                        re.compile(value)
+                    except re.error as e:
+                        raise SpecialistsError(
+                            f"--data {text}: group={value!r} is not a regular expression ({e})"
+                        ) from e
+                options[key] = value
+            elif isinstance(choices, tuple):
                 if value not in choices:
                     raise SpecialistsError(
                         f"--data {text}: {key} must be one of {', '.join(choices)}, got {value!r}"
@@ -270,6 +282,8 @@ def _load_folder(source: DataSource) -> DataBundle:
     class_names = list(train_files)
     index = {n: i for i, n in enumerate(class_names)}
 
+    group_of = _group_keys(source, train_dir)
+
     def build(split_dir: Path) -> ArraySplit:
         nonlocal skipped
         files, n_skip = _list_class_images(split_dir)
@@ -289,7 +303,10 @@ def _load_folder(source: DataSource) -> DataBundle:
         labels = np.array([index[name] for name in files for _ in files[name]], dtype=np.int64)
         if not paths:
             raise SpecialistsError(f"{split_dir}: no images")
-        return ArraySplit(read_images(paths, size, channels=3), labels)
+        groups = None
+        if group_of is not None and split_dir == train_dir:
+            groups = np.array([group_of(p.relative_to(split_dir).as_posix()) for p in paths])
+        return ArraySplit(read_images(paths, size, channels=3), labels, groups)
 
     train = build(train_dir)
     test = build(root / "test")
@@ -302,6 +319,59 @@ def _load_folder(source: DataSource) -> DataBundle:
     return DataBundle(
         source, train, val, test, class_names, hflip=bool(source.options.get("hflip", False))
     )
+
+
+def _group_keys(source: DataSource, train_dir: Path):
+    """path below train/ -> the name of its source (video, writer, product), from the
+    ``group`` regular expression or the ``group_csv`` file; None without either. Paths that
+    neither names are their own group (counted in one warning)."""
+    pattern, csv_path = source.options.get("group"), source.options.get("group_csv")
+    if pattern is None and csv_path is None:
+        return None
+    unnamed: list[str] = []
+    if csv_path is not None:
+        import csv
+
+        path = Path(csv_path).expanduser()
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+        except OSError as e:
+            raise SpecialistsError(f"{path}: unreadable group CSV ({e})") from e
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "group"]:
+            rows = rows[1:]
+        bad = next((i for i, r in enumerate(rows) if len(r) < 2), None)
+        if bad is not None:
+            raise SpecialistsError(f"{path}: row {bad + 1} is not 'path,group'")
+        table = {r[0].strip(): r[1].strip() for r in rows}
+
+        def key(rel: str) -> str:
+            if rel not in table:
+                unnamed.append(rel)
+                return f"file:{rel}"
+            return table[rel]
+    else:
+        regex = re.compile(pattern)
+
+        def key(rel: str) -> str:
+            m = regex.search(rel)
+            if m is None:
+                unnamed.append(rel)
+                return f"file:{rel}"
+            return m.group(1) if m.groups() else m.group(0)
+
+    def counted(rel: str) -> str:
+        out = key(rel)
+        if len(unnamed) == 1 and out.startswith("file:"):
+            log.warning(
+                "%s: %s names no group for %r (and maybe others); such images are each their own group",
+                train_dir,
+                "the group CSV" if csv_path else f"group={pattern!r}",
+                rel,
+            )
+        return out
+
+    return counted
 
 
 # ---------------------------------------------------------------------------------------------

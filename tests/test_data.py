@@ -149,3 +149,69 @@ def test_truncated_idx_is_reported(tmp_path):
     p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3]))
     with pytest.raises(SpecialistsError, match="truncated"):
         read_idx(p)
+
+
+def _video_tree(root, n_classes=3, n_objects=6, n_frames=8, n_test_objects=3):
+    """Frames of objects: every object a smooth random pattern of its class's colour, each frame
+    a one-pixel shift of it plus a little noise (near-copies of each other)."""
+    rng = np.random.default_rng(0)
+
+    def obj(c):
+        base = rng.normal(size=(6, 6, 3))
+        big = np.kron(base, np.ones((4, 4, 1)))  # 24 x 24 blocks
+        big[..., c % 3] += 1.5
+        return big
+
+    def frames(folder, pattern, n, start):
+        folder.mkdir(parents=True, exist_ok=True)
+        for o in range(n):
+            base = obj(c)
+            for f in range(n_frames):
+                img = np.roll(base, (f % 3 - 1, f // 3 - 1), axis=(0, 1))
+                img = img + rng.normal(scale=0.05, size=img.shape)
+                arr = np.clip(127 + 40 * img, 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(folder / f"{pattern}{start + o:02d}_frame{f}.png")
+
+    for c in range(n_classes):
+        frames(root / "train" / f"c{c}", "obj", n_objects, 10 * c)
+        frames(root / "test" / f"c{c}", "testobj", n_test_objects, 10 * c)
+    return root
+
+
+def test_near_copies_in_validation_are_detected_and_a_group_split_keeps_sources_whole(tmp_path):
+    from specialists.data import split_warning
+
+    root = _video_tree(tmp_path / "video")
+    carved = load_data(f"folder:{root}")
+    warning = split_warning(carved)
+    assert warning is not None and "validation looks like a copy of training" in warning
+    assert "group=REGEX" in warning  # the fix, for an image folder
+    grouped = load_data(f"folder:{root},group=(obj\\d+)_frame")
+    assert split_warning(grouped) is None
+    train_groups, val_groups = set(grouped.train.groups), set(grouped.val.groups)
+    assert not train_groups & val_groups and len(val_groups) >= 1
+    assert len(train_groups | val_groups) == 18  # every object, each wholly on one side
+    counts = {g: 0 for g in train_groups | val_groups}
+    for g in [*grouped.train.groups, *grouped.val.groups]:
+        counts[g] += 1
+    assert set(counts.values()) == {8}
+    # the same from a CSV of path,group rows
+    rows = ["path,group"] + [
+        f"c{c}/obj{10 * c + o:02d}_frame{f}.png,o{10 * c + o}"
+        for c in range(3)
+        for o in range(6)
+        for f in range(8)
+    ]
+    (tmp_path / "groups.csv").write_text("\n".join(rows))
+    by_csv = load_data(f"folder:{root},group_csv={tmp_path / 'groups.csv'}")
+    assert not set(by_csv.train.groups) & set(by_csv.val.groups)
+    with pytest.raises(SpecialistsError, match="is not a regular expression"):
+        parse_source(f"folder:{root},group=(obj")
+
+
+def test_a_validation_accuracy_far_above_test_is_flagged():
+    from specialists.data import accuracy_gap_warning
+
+    assert "far above test accuracy" in accuracy_gap_warning(0.9997, 3000, 0.971, 3000)
+    assert accuracy_gap_warning(0.93, 3000, 0.925, 3000) is None  # within noise
+    assert accuracy_gap_warning(0.99, 100, 0.97, 100) is None  # too few images to tell

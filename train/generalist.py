@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from specialists import manifest
 from specialists._version import __version__
 from specialists.config import write_config
-from specialists.data import DataBundle
+from specialists.data import DataBundle, accuracy_gap_warning, split_warning
 from specialists.errors import SpecialistsError
 from specialists.models import (
     apply_checkpoint,
@@ -143,6 +143,9 @@ def train_generalist(
         )
     model.to(device)
 
+    warnings = [w for w in [split_warning(bundle)] if w]
+    for w in warnings:
+        log.warning(w)
     mean, std = bundle.mean_std()
     train_tf = BatchTransform(mean, std, input_size, augment=cfg.augment, hflip=hflip)
     eval_tf = BatchTransform(mean, std, input_size)
@@ -263,6 +266,14 @@ def train_generalist(
         "n_test": len(bundle.test),
         "n_parameters": sum(p.numel() for p in model.parameters()),
     }
+    gap = accuracy_gap_warning(
+        metrics["val_accuracy"], len(bundle.val), metrics["test_accuracy"], len(bundle.test)
+    )
+    if gap:
+        log.warning(gap)
+        warnings.append(gap)
+    if warnings:
+        metrics["split_warnings"] = warnings
     record = GeneralistRecord(
         architecture=cfg.model,
         n_classes=bundle.n_classes,
