@@ -167,9 +167,15 @@ def format_metrics(m: dict) -> str:
             f"{'specialists (this run)':28s}{pct(m['ensemble_accuracy']):>12s}{pct(rer):>12s}{pct(m['ensemble_conditional_accuracy']):>13s}"
         )
         for r in m["controls"]:
+            speed = (
+                f"  ({r['architecture']} at {r['input_size']} px: {r['images_per_second']:.0f} "
+                f"images/s, {r['throughput_ratio']:.2f}x the generalist)"
+                if "images_per_second" in r
+                else ""
+            )
             lines.append(
                 f"{r['name']:28s}{pct(r['accuracy']):>12s}{pct(r['relative_error_reduction']):>12s}"
-                f"{pct(r['conditional_accuracy']):>13s}{r['train_seconds']:>10.0f}"
+                f"{pct(r['conditional_accuracy']):>13s}{r['train_seconds']:>10.0f}{speed}"
             )
         if m.get("verdict"):
             lines.append(f"verdict: {m['verdict']}")

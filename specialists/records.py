@@ -165,10 +165,13 @@ class FinetuneRecord(JobRecord):
 
     examples: int
     seed: int
+    architecture: str | None = None  # None: the generalist's
+    input_size: int | None = None  # None: the generalist's
 
     def describe(self) -> str:
+        what = "" if self.input_size is None else f" ({self.architecture} at {self.input_size} px)"
         return (
-            f"fine-tuned copy {self.id}: {self.examples} examples, val accuracy "
+            f"fine-tuned copy {self.id}{what}: {self.examples} examples, val accuracy "
             f"{self.metrics['val_acc']:.3f}, {self.metrics['seconds']:.0f} s"
         )
 

@@ -16,6 +16,7 @@ RUN/
   manifest.json               every finished artifact with its size and checksum
   controls/random/            clusters.json, specialists/, ensemble.json of the random groups
   controls/extra/, controls/plain/   the fine-tuned copies (NNN.safetensors, NNN.json)
+  controls/large/             the generalist at the specialists' own input size / architecture
   student/                    the distilled student: 000.safetensors, 000.json, history.csv,
                               curve.png (resume/ while training)
   cache/transfer_*.npy        images without labels a student learns from (--transfer)
@@ -118,6 +119,8 @@ class RunDir:
     RANDOM_CONTROL = "controls/random"  # specialists on random groups of the same sizes
     EXTRA_CONTROL = "controls/extra"  # the generalist fine-tuned for the specialists' examples
     PLAIN_CONTROL = "controls/plain"  # fine-tuned copies of the generalist, averaged
+    # the generalist at the specialists' input size and architecture, for the same compute
+    LARGE_CONTROL = "controls/large"
     STUDENT = "student"  # the ensemble distilled into one model
     SELF_STUDENT_CONTROL = "controls/student-self"  # distilled from the generalist alone
     RANDOM_STUDENT_CONTROL = "controls/student-random"  # distilled from the random groups

@@ -152,3 +152,35 @@ def test_bad_specialist_settings_are_one_line_and_status_2(family_run, tmp_path,
     config = tmp_path / "s.yaml"
     config.write_text("groups:\n  5:\n    input_size: 32\n")
     fails(["--config", str(config)], "groups: 5: no such group (the run has groups 0..1)")
+
+
+@pytest.mark.slow
+def test_controls_add_the_large_generalist_at_the_specialists_size(family_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    from specialists.train.pipeline import train_specialists
+
+    out = tmp_path / "run"
+    shutil.copytree(family_run, out)
+    cfg = SpecialistConfig(**{**FAST.__dict__, "input_size": 32})
+    train_specialists(out, cfg, workers=1, progress=False)
+    assert main(["controls", str(out), "--workers", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads((out / "metrics.json").read_text())["controls"]}
+    large = rows["large generalist"]
+    assert large["input_size"] == 32 and large["architecture"] == "test_efficientnet"
+    assert large["images_per_second"] > 0 and large["throughput_ratio"] > 0
+    assert "large generalist" in printed and "at 32 px" in printed
+    rec = json.loads((out / "controls" / "large" / "000.json").read_text())
+    spent = sum(
+        json.loads((out / "specialists" / f"00{i}.json").read_text())["metrics"]["examples_seen"]
+        for i in range(2)
+    )
+    assert rec["input_size"] == 32 and rec["examples"] == spent  # the specialists' compute
+    # the random groups run at the specialists' size too
+    rand = [
+        json.loads((out / "controls/random/specialists" / f"00{i}.json").read_text())
+        for i in range(2)
+    ]
+    assert all(r["input_size"] == 32 for r in rand)

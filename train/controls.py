@@ -6,7 +6,12 @@ With the same settings, compute and number of models as the run's own specialist
 - **extra-compute generalist**: the generalist fine-tuned for as many examples as all the
   specialists saw together;
 - **plain ensemble**: as many fine-tuned copies of the generalist over all classes as there are
-  specialists (sharing the same total compute), averaged with the generalist.
+  specialists (sharing the same total compute), averaged with the generalist;
+- **large generalist** (when the specialists have their own input size or architecture): a
+  generalist of the specialists' architecture at their input size, trained for the same
+  compute: the generalist's copy fine-tuned for all the specialists' examples when it is the
+  same architecture, else a fresh model trained for the generalist's examples plus theirs. It is
+  the answer "just run the big model on everything", with its images per second.
 
 Every control is a job of the same launcher as the specialists (local or Ray), so it runs in
 parallel and resumes like them. Artifacts live in ``RUN/controls/``.
@@ -27,13 +32,13 @@ from specialists.artifacts import generalist_record, load_checked, load_groups, 
 from specialists.calibrate import calibrate_run
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
-from specialists.evaluate import ensemble_metrics, evaluate_run
+from specialists.evaluate import ensemble_metrics, evaluate_run, images_per_second
 from specialists.models import create_model, predict_proba, resolve_device
 from specialists.records import FinetuneRecord, GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import load_json, save_json
-from specialists.transforms import make_transforms
+from specialists.transforms import BatchTransform, make_transforms
 
 from ._job import cache_sizes, save_artifact, start_job
 from .launch import Job, JobResult, run_jobs
@@ -50,9 +55,19 @@ __all__ = ["evaluate_controls", "fine_tune", "finetune_job", "random_groups", "r
 log = logging.getLogger(__name__)
 
 
-def finetune_job(index: int, out: str, *, examples: int, seed: int) -> Job:
-    """The launcher's job that fine-tunes copy ``index`` of the generalist into ``RUN/<out>/``."""
-    inputs = {"examples": examples, "seed": seed}
+def finetune_job(
+    index: int,
+    out: str,
+    *,
+    examples: int,
+    seed: int,
+    member: tuple[str, int] | None = None,
+) -> Job:
+    """The launcher's job that fine-tunes copy ``index`` of the generalist into ``RUN/<out>/``
+    (``member``: as a model of that architecture at that input size)."""
+    inputs: dict = {"examples": examples, "seed": seed}
+    if member is not None:
+        inputs.update(architecture=member[0], input_size=member[1])
     return Job(index, out, fine_tune, FinetuneRecord, inputs=inputs, identity=inputs)
 
 
@@ -67,8 +82,16 @@ def fine_tune(
     """Fine-tune the generalist over all classes for ``job.inputs["examples"]`` examples, with the
     specialists' optimiser settings; write its weights and record into ``RUN/<job.out>/``."""
     examples, seed = job.inputs["examples"], job.inputs["seed"]
-    ctx = start_job(run_root, device=device, threads=threads)
+    arch, size = job.inputs.get("architecture"), job.inputs.get("input_size")
+    ctx = start_job(run_root, device=device, threads=threads, input_size=size)
     model, grec, labels = ctx.generalist, ctx.record, ctx.train_labels
+    train_tf, eval_tf = ctx.train_transform, ctx.eval_transform
+    if size is not None:  # the large generalist: its own view of the images
+        train_tf = BatchTransform(grec.mean, grec.std, size, augment=True, hflip=grec.hflip)
+        eval_tf = BatchTransform(grec.mean, grec.std, size)
+    if arch is not None and arch != grec.architecture:
+        torch.manual_seed(seed)
+        model = create_model(arch, grec.n_classes, grec.in_chans, size).to(ctx.device)
     images_t, labels_t = torch.from_numpy(np.array(ctx.train_images)), torch.from_numpy(labels)
     torch.manual_seed(seed)
     steps = max(1, math.ceil(examples / cfg.batch_size))
@@ -83,7 +106,7 @@ def fine_tune(
         images_t,
         batches=batches[:steps],
         targets=lambda idx: labels_t[torch.from_numpy(idx)],
-        transform=ctx.train_transform,
+        transform=train_tf,
         optimizer=optimizer,
         scheduler=scheduler,
         loss_fn=lambda logits, y, _x: F.cross_entropy(logits, y),
@@ -93,18 +116,18 @@ def fine_tune(
         desc=f"copy {job.id}",
         progress=False,
     )
-    val_probs = predict_proba(
-        model, np.array(ctx.val_images), transform=ctx.eval_transform, device=ctx.device
-    )
+    val_probs = predict_proba(model, np.array(ctx.val_images), transform=eval_tf, device=ctx.device)
     val_acc = float((val_probs.argmax(1) == ctx.val_labels).mean())
     return save_artifact(
         ctx.run.artifact(job.out, job.id),
         model,
-        metadata={"architecture": grec.architecture},
+        metadata={"architecture": arch or grec.architecture},
         make_record=lambda weights_sha256: FinetuneRecord(
             id=job.id,
             examples=examples,
             seed=seed,
+            architecture=arch,
+            input_size=size,
             generalist_sha256=grec.weights_sha256,
             config=asdict(cfg),
             metrics={"val_acc": val_acc, "seconds": ctx.seconds()},
@@ -161,7 +184,27 @@ def control_jobs(run: RunDir, *, seed: int = 0) -> tuple[list[Job], SpecialistCo
         finetune_job(i, RunDir.PLAIN_CONTROL, examples=max(1, total // n), seed=seed + 1 + i)
         for i in range(n)
     ]
+    member = _specialists_member(specialists, grec)
+    if member is not None:
+        arch, size = member
+        large = total
+        if arch != grec.architecture:  # a fresh model: the generalist's training compute too
+            large += int(grec.metrics["n_train"] * grec.metrics["epochs_run"])
+        jobs.append(finetune_job(0, RunDir.LARGE_CONTROL, examples=large, seed=seed, member=member))
     return jobs, cfg
+
+
+def _specialists_member(
+    specialists: list[SpecialistRecord], grec: GeneralistRecord
+) -> tuple[str, int] | None:
+    """(architecture, input size) most of the run's specialists have, when it is not the
+    generalist's own; None otherwise."""
+    from collections import Counter
+
+    (arch, size), _ = Counter((s.architecture, s.size(grec)) for s in specialists).most_common(1)[0]
+    if (arch, size) == (grec.architecture, grec.input_size):
+        return None
+    return arch, size
 
 
 def run_controls(
@@ -240,6 +283,37 @@ def control_rows(
     copies = _finetuned_proba(run, grec, RunDir.PLAIN_CONTROL, n, images, dev)
     plain = (p_g + sum(copies)) / (1 + n)
     rows.append(("plain ensemble", plain, _train_seconds(run, RunDir.PLAIN_CONTROL, n)))
+    speeds = {}
+    large = run.artifact(RunDir.LARGE_CONTROL, 0)
+    if large.record.is_file():
+        rec = load_checked(run, large.record, large.weights, FinetuneRecord, missing="missing")
+        arch, size = rec.architecture or grec.architecture, rec.input_size or grec.input_size
+        model = create_model(arch, grec.n_classes, grec.in_chans, size)
+        load_weights(model, large.weights, arch)
+        model.to(dev).eval()
+        tf = BatchTransform(grec.mean, grec.std, size)
+        gen_tf = make_transforms(grec)[1]
+
+        def predict(x, model=model, tf=tf):
+            return predict_proba(model, x, transform=tf, device=dev)
+
+        def predict_g(x):
+            return predict_proba(rand.generalist, x, transform=gen_tf, device=dev)
+
+        name = "large generalist"
+        rows.append((name, predict(images), _train_seconds(run, RunDir.LARGE_CONTROL, 1)))
+        timed = images[: min(len(images), 2048)]
+        times = [
+            (images_per_second(predict_g, timed), images_per_second(predict, timed))
+            for _ in range(3)
+        ]
+        g_ips, ips = max(t[0] for t in times), max(t[1] for t in times)
+        speeds[name] = {
+            "architecture": arch,
+            "input_size": size,
+            "images_per_second": round(ips, 1),
+            "throughput_ratio": round(ips / g_ips, 3),
+        }
     out = []
     for name, q, secs in rows:
         m = ensemble_metrics(p_g, q, labels, groups)
@@ -250,6 +324,7 @@ def control_rows(
                 "relative_error_reduction": m["relative_error_reduction"],
                 "conditional_accuracy": m["ensemble_conditional_accuracy"],
                 "train_seconds": secs,
+                **speeds.get(name, {}),
             }
         )
     return out
@@ -265,7 +340,9 @@ def evaluate_controls(
     if m.get("split") != "test" or (top_n is not None and m.get("top_n") != top_n):
         m = evaluate_run(run.root, top_n=top_n, device=device)
     ens = Ensemble.load(run.root, device, top_n=top_n)
-    part = load_data(DataSource.from_dict(ens.record.data)).test
+    rand = Ensemble.load(run.root, device, top_n=top_n, variant=RunDir.RANDOM_CONTROL)
+    size = max(ens.input_size, rand.input_size)
+    part = load_data(DataSource.from_dict(ens.record.data), min_size=size).test
     p_g = ens.generalist_proba(part.images)  # the controls only need the generalist's view
     m["controls"] = control_rows(
         run.root, part.images, part.labels, p_g, top_n=top_n, device=device
