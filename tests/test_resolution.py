@@ -184,3 +184,27 @@ def test_controls_add_the_large_generalist_at_the_specialists_size(family_run, t
         for i in range(2)
     ]
     assert all(r["input_size"] == 32 for r in rand)
+
+
+@pytest.mark.slow
+def test_a_student_learns_from_specialists_at_their_own_size(family_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    from specialists.train.distill import DistillConfig, run_distill
+    from specialists.train.pipeline import train_specialists
+
+    out = tmp_path / "run"
+    shutil.copytree(family_run, out)
+    cfg = SpecialistConfig(**{**FAST.__dict__, "groups": {"0": {"input_size": 32}}})
+    train_specialists(out, cfg, workers=1, progress=False)
+    ens = Ensemble.load(out, "cpu")
+    assert [s.size(ens.record) for s in ens.all_specialists] == [32, 16]
+    assert main(["distill", str(out), "--teacher", "online", "--quiet"]) == 2
+    assert "the teacher must see the originals" in capsys.readouterr().err
+    results = run_distill(out, DistillConfig(epochs=1, batch_size=64), workers=1, progress=False)
+    assert results[0].ok, results[0].error
+    student = json.loads((out / "student" / "000.json").read_text())
+    assert 0 <= student["metrics"]["teacher_val_acc"] <= 1
+    assert main(["evaluate", str(out), "--quiet"]) == 0  # the student's row at its own size
+    assert "student (distilled ensemble)" in capsys.readouterr().out
