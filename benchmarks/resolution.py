@@ -231,7 +231,12 @@ def main() -> None:
     p.add_argument("--input-size", type=int, default=16, help="the generalist's (default 16)")
     p.add_argument("--specialist-input-size", type=int, default=32, help="default 32")
     p.add_argument("--epochs", type=int, default=30, help="generalist epochs (default 30)")
-    p.add_argument("--patience", type=int, default=4)
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=30,
+        help="generalists: early stopping (30: off at 30 epochs)",
+    )
     p.add_argument("--specialist-epochs", type=int, default=12)
     p.add_argument("--speedup", type=float, default=1.5, help="over the big generalist (1.5)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
