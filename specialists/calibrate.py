@@ -50,7 +50,7 @@ import torch
 from . import manifest
 from .combination import CORRECTIONS, Combination, specialist_offsets
 from .combiner import combine
-from .data import DataSource
+from .data import ArraySplit, DataSource
 from .ensemble import Ensemble
 from .errors import SpecialistsError
 from .gating import GroupIndex, gate
@@ -140,8 +140,12 @@ def subset(col: Collected, index: np.ndarray) -> Collected:
     index = torch.as_tensor(np.asarray(index), dtype=torch.long)
     rows, logits = [], []
     for r, lg in zip(col.rows, col.logits):
+        if len(index) == 0:
+            rows.append(r[:0])
+            logits.append(lg[:0])
+            continue
         pos = torch.searchsorted(index, r)
-        hit = (pos < len(index)) & (index[pos.clamp_max(max(len(index) - 1, 0))] == r)
+        hit = (pos < len(index)) & (index[pos.clamp_max(len(index) - 1)] == r)
         rows.append(pos[hit])
         logits.append(lg[hit])
     return Collected(
@@ -156,17 +160,28 @@ def subset(col: Collected, index: np.ndarray) -> Collected:
 
 
 def split_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(selection, confirmation) indices: every class cut in two, seeded; a class with a single
-    example goes to the selection half."""
+    """(selection, confirmation) indices: every class cut in two, seeded (an odd example goes to
+    either half by a coin flip); the classes with a single example are pooled and the pool cut
+    in two, so no half is empty when there are two examples or more."""
     rng = np.random.default_rng([seed, 5150])
-    select, confirm = [], []
+    select, confirm, singles = [], [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
+        if len(idx) == 1:
+            singles.append(idx)
+            continue
         idx = idx[rng.permutation(len(idx))]
-        half = (len(idx) + rng.integers(0, 2)) // 2 if len(idx) > 1 else 1
+        half = (len(idx) + rng.integers(0, 2)) // 2
         select.append(idx[:half])
         confirm.append(idx[half:])
-    return np.sort(np.concatenate(select)), np.sort(np.concatenate(confirm))
+    if singles:
+        pool = np.concatenate(singles)
+        pool = pool[rng.permutation(len(pool))]
+        half = (len(pool) + rng.integers(0, 2)) // 2
+        select.append(pool[:half])
+        confirm.append(pool[half:])
+    empty = np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(select or [empty])), np.sort(np.concatenate(confirm or [empty]))
 
 
 def score(col: Collected, comb: Combination) -> dict:
@@ -387,7 +402,8 @@ def calibrate_run(
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, variant=variant, combination=Combination())
     source = DataSource.from_dict(ens.record.data)
-    val = load_data(source, min_size=ens.input_size).split("val")
+    val = load_data(source, min_size=ens.data_size).split("val")
+    val = ArraySplit(ens.fit_images(val.images), val.labels)
     if len(val) < 2:
         raise SpecialistsError(f"{run.root}: too few validation examples to calibrate on")
     col = collect(ens, val.images, val.labels)

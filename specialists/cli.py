@@ -605,7 +605,7 @@ def _data(args: argparse.Namespace) -> int:
     )
     if bundle.coarse is not None:
         print(f"  known coarse groups: {int(bundle.coarse.max()) + 1}")
-    if bundle.train.groups is not None:
+    if bundle.train.groups is not None and bundle.val.groups is not None:
         print(
             f"  validation carved by source: {len(np.unique(bundle.train.groups))} sources in "
             f"train, {len(np.unique(bundle.val.groups))} in val, none in both"

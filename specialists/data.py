@@ -167,10 +167,14 @@ def _thumbnails(images: np.ndarray, size: int = 16) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().mean(-1)[:, None]
-    t = F.adaptive_avg_pool2d(x, size).flatten(1)
-    t -= t.mean(1, keepdim=True)
-    return (t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)).numpy()
+    out = []
+    for start in range(0, len(images), 4096):  # bounded memory, whatever the image size
+        chunk = np.ascontiguousarray(images[start : start + 4096])
+        x = torch.from_numpy(chunk).float().mean(-1)[:, None]
+        t = F.adaptive_avg_pool2d(x, size).flatten(1)
+        t -= t.mean(1, keepdim=True)
+        out.append(t / t.norm(dim=1, keepdim=True).clamp_min(1e-6))
+    return torch.cat(out).numpy() if out else np.zeros((0, size * size), dtype=np.float32)
 
 
 MAX_REFERENCE = 100_000  # training images searched for a validation image's nearest neighbour

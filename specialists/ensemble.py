@@ -26,7 +26,7 @@ from .gating import ActivePairs, GroupIndex, gate
 from .models import create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import EnsemblePaths, RunDir
-from .transforms import BatchTransform, make_transforms
+from .transforms import BatchTransform, make_transforms, resize_images
 
 __all__ = ["Ensemble", "EnsembleOutput"]
 
@@ -129,6 +129,20 @@ class Ensemble:
     def mixed_sizes(self) -> bool:
         """Whether some specialist takes another input size than the generalist."""
         return self.input_size != self.record.input_size
+
+    @property
+    def data_size(self) -> int | None:
+        """The size to read a data source at (``load_data(..., min_size=)``): the largest input
+        size when some specialist has its own, else None (the data's own size)."""
+        return self.input_size if self.mixed_sizes else None
+
+    def fit_images(self, images: np.ndarray) -> np.ndarray:
+        """``images`` as the ensemble takes them: unchanged when large enough; when no specialist
+        has its own size, images smaller than the generalist's input (data stored below it) are
+        resized up to it, as its training transform did."""
+        if not self.mixed_sizes and min(images.shape[1:3]) < self.input_size:
+            return resize_images(images, self.input_size)
+        return images
 
     def transform_for(self, rec: SpecialistRecord) -> BatchTransform:
         """uint8 images (at any size) -> the normalised input of ``rec``'s model at its size,

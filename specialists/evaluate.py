@@ -369,21 +369,19 @@ def evaluate_run(
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size)
     source = (
-        parse_source(data, seed=ens.record.data["seed"], image_size=ens.input_size)
+        parse_source(
+            data, seed=ens.record.data["seed"], image_size=ens.data_size or ens.record.input_size
+        )
         if data
         else DataSource.from_dict(ens.record.data)
     )
-    bundle = load_data(source, min_size=ens.input_size)
+    bundle = load_data(source, min_size=ens.data_size)
     if bundle.class_names != ens.record.class_names:
         raise SpecialistsError(
             f"{source.describe()}: its classes differ from the run's generalist ({bundle.n_classes} vs {ens.record.n_classes})"
         )
     part = bundle.split(split)
-    images = part.images
-    if images.shape[1] < ens.input_size:  # a source that exists at one size only
-        raise SpecialistsError(
-            f"{source.describe()}: images are {images.shape[1]} px, the ensemble needs {ens.input_size}"
-        )
+    images = ens.fit_images(part.images)
     out = ens.run_batch(images)
     m = ensemble_metrics(out.p_g, out.q, part.labels, [s.classes for s in ens.specialists])
     g_ips, e_ips = ens.throughput(images[: min(len(images), 2048)])

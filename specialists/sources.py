@@ -58,8 +58,9 @@ IMAGE_EXTENSIONS = {
 # int for a number.
 PATH_OPTIONS: dict[str, dict[str, tuple[str, ...] | type]] = {
     "omniglot": {"set": ("background", "evaluation"), "n_train": int, "size": int},
-    # group: a regular expression on each training image's path below its class folder whose
-    # first group (or whole match) names its source; group_csv: a CSV of path,group rows.
+    # group: a regular expression searched in each training image's path below train/
+    # (class/file) whose first group (or whole match) names its source; group_csv: a CSV of
+    # path,group rows, paths below train/. Values cannot hold commas (they separate options).
     "folder": {"group": str, "group_csv": str},
 }
 
@@ -108,6 +109,8 @@ def parse_source(
                         raise SpecialistsError(
                             f"--data {text}: group={value!r} is not a regular expression ({e})"
                         ) from e
+                if key == "group_csv":
+                    value = str(Path(value).expanduser().resolve())
                 options[key] = value
             elif isinstance(choices, tuple):
                 if value not in choices:
@@ -306,6 +309,12 @@ def _load_folder(source: DataSource) -> DataBundle:
         groups = None
         if group_of is not None and split_dir == train_dir:
             groups = np.array([group_of(p.relative_to(split_dir).as_posix()) for p in paths])
+            if all(g.startswith("file:") for g in groups):
+                how = "the group CSV" if "group_csv" in source.options else "group=REGEX"
+                raise SpecialistsError(
+                    f"{source.describe()}: {how} names the source of no training image (it is "
+                    f"matched against paths below train/, such as {paths[0].relative_to(split_dir).as_posix()!r})"
+                )
         return ArraySplit(read_images(paths, size, channels=3), labels, groups)
 
     train = build(train_dir)
@@ -336,7 +345,7 @@ def _group_keys(source: DataSource, train_dir: Path):
         try:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise SpecialistsError(f"{path}: unreadable group CSV ({e})") from e
         if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "group"]:
             rows = rows[1:]

@@ -208,3 +208,53 @@ def test_a_student_learns_from_specialists_at_their_own_size(family_run, tmp_pat
     assert 0 <= student["metrics"]["teacher_val_acc"] <= 1
     assert main(["evaluate", str(out), "--quiet"]) == 0  # the student's row at its own size
     assert "student (distilled ensemble)" in capsys.readouterr().out
+
+
+def test_records_from_before_a_setting_existed_still_count_as_done():
+    from dataclasses import asdict
+
+    from specialists.train.launch import same_config
+
+    cfg = SpecialistConfig()
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("model", "input_size", "groups")}
+    assert same_config(old, cfg)
+    assert not same_config(old, SpecialistConfig(input_size=32))
+    # group ids from YAML (ints) compare equal to the same ids read back from a record's JSON
+    yaml_cfg = SpecialistConfig(groups={3: {"input_size": 32}})
+    assert yaml_cfg.groups == {"3": {"input_size": 32}}
+    assert same_config(json_roundtrip(asdict(yaml_cfg)), yaml_cfg)
+
+
+def json_roundtrip(d):
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+def test_halves_are_never_empty_with_one_example_per_class():
+    from specialists.calibrate import split_halves
+
+    select, confirm = split_halves(np.arange(9), 0)  # nine classes, one example each
+    assert len(select) and len(confirm) and len(select) + len(confirm) == 9
+    assert not set(select) & set(confirm)
+
+
+def test_a_generalist_above_the_stored_size_keeps_the_stored_data(tmp_path):
+    """No specialist size given: nothing is remade at the generalist's input size (the
+    specialists and the evaluation read the stored images, as before sizes existed)."""
+    from specialists.evaluate import evaluate_run
+    from specialists.train.pipeline import train_specialists
+
+    data = "embedded:n_classes=6,n_groups=2,image_size=16,train_per_class=30,val_per_class=10,test_per_class=10"
+    out = tmp_path / "run"
+    train_generalist(
+        GeneralistConfig(data=data, input_size=24, epochs=1, batch_size=32, threads=1),
+        out,
+        progress=False,
+    )
+    save_json(RunDir.of(out).clusters, {"groups": [{"classes": g} for g in GROUPS]})
+    fast = SpecialistConfig(epochs=1, batch_size=32, examples_per_epoch=64)
+    train_specialists(out, fast, workers=1, progress=False)
+    assert not (out / "cache" / "24px").exists()
+    m = evaluate_run(out, device="cpu")
+    assert m["n_test"] == 60

@@ -33,6 +33,7 @@ __all__ = [
     "cache_data",
     "cache_sizes",
     "load_cached",
+    "own_size",
     "save_artifact",
     "start_job",
 ]
@@ -59,13 +60,15 @@ def base_size(run: RunDir) -> int:
 
 def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int] = ()) -> None:
     """Cache the run's data for the workers: at the data's own size, and made again from the
-    originals at every size in ``sizes`` above it (checked to hold the same examples)."""
+    originals at every size in ``sizes`` above it that is not the generalist's own (checked to
+    hold the same labels in the same order; the embedded data's nuisance draws differ between
+    sizes, so the images are other renderings of the same classes)."""
     source = DataSource.from_dict(record.data)
     if not run.cache_labels("val").is_file():
         log.info("caching the data arrays for the workers")
         cache_data(run, load_data(source))
     base = base_size(run)
-    for size in sorted({int(s) for s in sizes if s > base}):
+    for size in sorted({int(s) for s in sizes if own_size(s, record) and s > base}):
         if run.cache_labels("val", size).is_file():
             continue
         log.info("making the data at %d px from the originals", size)
@@ -74,14 +77,20 @@ def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int] = ()) ->
             if not np.array_equal(bundle.split(split).labels, load_npy(run.cache_labels(split))):
                 raise SpecialistsError(
                     f"{source.describe()}: the {split} split at {size} px does not hold the same "
-                    "examples as at the data's own size"
+                    "labels as at the data's own size"
                 )
         cache_data(run, bundle, size)
 
 
+def own_size(size: int | None, record: GeneralistRecord) -> int | None:
+    """``size`` when a model has its own input size, None when it is the generalist's (its
+    images are the data's own, as the generalist's were)."""
+    return None if size is None or size == record.input_size else int(size)
+
+
 def load_cached(run: RunDir, split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images memory-mapped read-only, labels) of a cached split: the smallest cache whose
-    images are at least ``size`` pixels (default: the data's own)."""
+    """(images memory-mapped read-only, labels) of a cached split: the data's own when ``size``
+    is None or not above them, else the cache made at exactly ``size`` pixels."""
     at = None if size is None or size <= base_size(run) else size
     if at is not None and not run.cache_labels(split, at).is_file():
         raise SpecialistsError(

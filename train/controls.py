@@ -33,7 +33,13 @@ from specialists.calibrate import calibrate_run
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
 from specialists.evaluate import ensemble_metrics, evaluate_run, images_per_second
-from specialists.models import create_model, predict_proba, resolve_device
+from specialists.models import (
+    apply_checkpoint,
+    create_model,
+    load_checkpoint_weights,
+    predict_proba,
+    resolve_device,
+)
 from specialists.records import FinetuneRecord, GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
 from specialists.sources import load_data
@@ -61,13 +67,13 @@ def finetune_job(
     *,
     examples: int,
     seed: int,
-    member: tuple[str, int] | None = None,
+    member: tuple[str, int, str | None] | None = None,
 ) -> Job:
     """The launcher's job that fine-tunes copy ``index`` of the generalist into ``RUN/<out>/``
-    (``member``: as a model of that architecture at that input size)."""
+    (``member``: as a model of that architecture at that input size, from that checkpoint)."""
     inputs: dict = {"examples": examples, "seed": seed}
     if member is not None:
-        inputs.update(architecture=member[0], input_size=member[1])
+        inputs.update(architecture=member[0], input_size=member[1], checkpoint=member[2])
     return Job(index, out, fine_tune, FinetuneRecord, inputs=inputs, identity=inputs)
 
 
@@ -83,6 +89,7 @@ def fine_tune(
     specialists' optimiser settings; write its weights and record into ``RUN/<job.out>/``."""
     examples, seed = job.inputs["examples"], job.inputs["seed"]
     arch, size = job.inputs.get("architecture"), job.inputs.get("input_size")
+    ckpt = job.inputs.get("checkpoint")
     ctx = start_job(run_root, device=device, threads=threads, input_size=size)
     model, grec, labels = ctx.generalist, ctx.record, ctx.train_labels
     train_tf, eval_tf = ctx.train_transform, ctx.eval_transform
@@ -91,7 +98,11 @@ def fine_tune(
         eval_tf = BatchTransform(grec.mean, grec.std, size)
     if arch is not None and arch != grec.architecture:
         torch.manual_seed(seed)
-        model = create_model(arch, grec.n_classes, grec.in_chans, size).to(ctx.device)
+        model = create_model(arch, grec.n_classes, grec.in_chans, size)
+        if ckpt is not None:  # as the specialists started
+            path = str(Path(ckpt).expanduser())
+            apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
+        model.to(ctx.device)
     images_t, labels_t = torch.from_numpy(np.array(ctx.train_images)), torch.from_numpy(labels)
     torch.manual_seed(seed)
     steps = max(1, math.ceil(examples / cfg.batch_size))
@@ -186,7 +197,7 @@ def control_jobs(run: RunDir, *, seed: int = 0) -> tuple[list[Job], SpecialistCo
     ]
     member = _specialists_member(specialists, grec)
     if member is not None:
-        arch, size = member
+        arch, size, _ = member
         large = total
         if arch != grec.architecture:  # a fresh model: the generalist's training compute too
             large += int(grec.metrics["n_train"] * grec.metrics["epochs_run"])
@@ -196,15 +207,19 @@ def control_jobs(run: RunDir, *, seed: int = 0) -> tuple[list[Job], SpecialistCo
 
 def _specialists_member(
     specialists: list[SpecialistRecord], grec: GeneralistRecord
-) -> tuple[str, int] | None:
-    """(architecture, input size) most of the run's specialists have, when it is not the
-    generalist's own; None otherwise."""
+) -> tuple[str, int, str | None] | None:
+    """(architecture, input size, checkpoint) most of the run's specialists have, when it is
+    not the generalist's own; None otherwise."""
     from collections import Counter
 
-    (arch, size), _ = Counter((s.architecture, s.size(grec)) for s in specialists).most_common(1)[0]
+    def member(s: SpecialistRecord) -> tuple[str, int, str | None]:
+        ckpt = SpecialistConfig(**s.config).member(s.id, grec)[2]
+        return s.architecture, s.size(grec), ckpt
+
+    (arch, size, ckpt), _ = Counter(member(s) for s in specialists).most_common(1)[0]
     if (arch, size) == (grec.architecture, grec.input_size):
         return None
-    return arch, size
+    return arch, size, ckpt
 
 
 def run_controls(
@@ -341,8 +356,17 @@ def evaluate_controls(
         m = evaluate_run(run.root, top_n=top_n, device=device)
     ens = Ensemble.load(run.root, device, top_n=top_n)
     rand = Ensemble.load(run.root, device, top_n=top_n, variant=RunDir.RANDOM_CONTROL)
-    size = max(ens.input_size, rand.input_size)
-    part = load_data(DataSource.from_dict(ens.record.data), min_size=size).test
+    # every model the controls run, kept by calibration or not, the large generalist included
+    grec = ens.record
+    sizes = [s.size(grec) for s in ens.all_specialists + rand.all_specialists]
+    large = run.artifact(RunDir.LARGE_CONTROL, 0).record
+    if large.is_file():
+        sizes.append(load_json(large).get("input_size") or grec.input_size)
+    size = max([grec.input_size, *sizes])
+    part = load_data(
+        DataSource.from_dict(grec.data), min_size=size if size > grec.input_size else None
+    ).test
+    part.images = ens.fit_images(part.images)
     p_g = ens.generalist_proba(part.images)  # the controls only need the generalist's view
     m["controls"] = control_rows(
         run.root, part.images, part.labels, p_g, top_n=top_n, device=device

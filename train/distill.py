@@ -49,7 +49,7 @@ from specialists.sources import load_unlabelled
 from specialists.storage import atomic_write_text, load_npy, save_npy
 
 from ._faults import maybe_die
-from ._job import JobContext, base_size, cache_sizes, save_artifact, start_job
+from ._job import JobContext, base_size, cache_sizes, own_size, save_artifact, start_job
 from ._state import checkpoint, resume
 from .launch import Job, JobResult, run_jobs
 from .loop import (
@@ -211,12 +211,16 @@ def _cache_transfer(
 
 
 def _teacher_size(run: RunDir, teacher: str, grec: GeneralistRecord) -> int:
-    """The largest input size among the teacher's models."""
+    """The largest input size among the models the teacher runs."""
     variant, _ = TEACHERS[teacher]
     if variant == "":
         return grec.input_size
-    records = load_specialists(run, grec, variant=variant)
-    return max([grec.input_size] + [r.size(grec) for r in records])
+    return Ensemble.load(run.root, "cpu", variant=variant).input_size  # the kept specialists
+
+
+def _above(run: RunDir, size: int | None) -> int | None:
+    """The cache size a job of input ``size`` reads: None (the data's own) unless above it."""
+    return size if size is not None and size > base_size(run) else None
 
 
 def distill_job(
@@ -272,12 +276,9 @@ def run_distill(
             f"{grec.input_size} px; the teacher must see the originals (use --teacher cached)"
         )
     cache_sizes(run, grec, [size])
-    above = size if size > base_size(run) else None
-    jobs = [
-        distill_job(run, t, grec, sizes[t] if sizes[t] > grec.input_size else None)
-        for t in teachers
-    ]
-    _cache_transfer(run, cfg, grec, above)
+    jobs = [distill_job(run, t, grec, own_size(sizes[t], grec)) for t in teachers]
+    for job_size in {j.inputs["input_size"] for j in jobs}:  # each job reads its own size
+        _cache_transfer(run, cfg, grec, _above(run, job_size))
     return run_jobs(
         run,
         jobs,
@@ -355,8 +356,7 @@ def distill_task(
     images = np.array(ctx.train_images)  # a private, writable copy of the memory map
     labels = ctx.train_labels.astype(np.int64)
     if cfg.transfer is not None:
-        above = size if size is not None and size > base_size(run) else None
-        extra = load_npy(run.transfer_cache(cfg.transfer, above))
+        extra = load_npy(run.transfer_cache(cfg.transfer, _above(run, size)))
         images = np.concatenate([images, extra])
         labels = np.concatenate([labels, np.full(len(extra), -1, dtype=np.int64)])
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)

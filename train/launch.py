@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -76,6 +76,20 @@ class JobResult:
     skipped: bool = False
 
 
+def same_config(recorded: dict, cfg: Any) -> bool:
+    """Whether a record's configuration is ``cfg``'s; a setting the record predates counts as
+    its default (so adding a setting does not make every finished job stale)."""
+    current = asdict(cfg)
+    defaults = {}
+    for f in fields(cfg):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    filled = {**{k: defaults.get(k) for k in current if k not in recorded}, **recorded}
+    return filled == current
+
+
 def finished_record(run: RunDir, job: Job, generalist_sha: str, cfg: Any) -> Record | None:
     """The job's record if it is complete, intact, and for these inputs, generalist and config."""
     files = run.artifact(job.out, job.id)
@@ -86,7 +100,7 @@ def finished_record(run: RunDir, job: Job, generalist_sha: str, cfg: Any) -> Rec
     except SpecialistsError as e:
         log.warning("%s; it will be trained again", e)
         return None
-    if rec.config != asdict(cfg) or rec.generalist_sha256 != generalist_sha:
+    if not same_config(rec.config, cfg) or rec.generalist_sha256 != generalist_sha:
         return None
     if any(getattr(rec, k) != v for k, v in job.identity.items()):
         return None

@@ -35,7 +35,7 @@ from specialists.storage import load_npy
 from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
-from ._job import save_artifact, start_job
+from ._job import own_size, save_artifact, start_job
 from .launch import Job
 from .loop import build_optimizer, cosine_with_warmup, train_one_epoch
 
@@ -92,13 +92,15 @@ class SpecialistConfig:
     groups: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # group ids as strings, as they come back from a record's JSON (so a rerun compares equal)
+        try:
+            self.groups = {str(int(k)): v for k, v in self.groups.items()}
+        except (TypeError, ValueError):
+            bad = next(k for k in self.groups if not str(k).lstrip("-").isdigit())
+            raise ValueError(f"groups: {bad!r} is not a group id") from None
         if self.input_size is not None and self.input_size < 8:
             raise ValueError(f"input_size must be >= 8, got {self.input_size}")
         for key, over in self.groups.items():
-            try:
-                int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"groups: {key!r} is not a group id") from None
             unknown = set(over) - MEMBER_KEYS if isinstance(over, dict) else None
             if unknown is None or unknown:
                 raise ValueError(
@@ -121,7 +123,7 @@ class SpecialistConfig:
     def member(self, index: int, generalist: GeneralistRecord) -> tuple[str, int, str | None]:
         """(architecture, input size, checkpoint) of specialist ``index``: its group's override,
         else the run-wide setting, else the generalist's."""
-        over = self.groups.get(index, self.groups.get(str(index), {}))
+        over = self.groups.get(str(index), {})
         # a group's own model does not inherit the run-wide checkpoint (made for another model)
         ckpt = (
             over.get("checkpoint") if "model" in over else over.get("checkpoint", self.checkpoint)
@@ -358,7 +360,7 @@ def train_specialist(
     arch, size, ckpt = member if member is not None else cfg.member(index, grec)
     size = size or grec.input_size
     check_member(arch, size, ckpt, grec, what=f"specialist {index}")
-    ctx = start_job(run_dir, device=device, threads=threads, input_size=size)
+    ctx = start_job(run_dir, device=device, threads=threads, input_size=own_size(size, grec))
     run, dev, generalist, grec = ctx.run, ctx.device, ctx.generalist, ctx.record
     classes = sorted(int(c) for c in classes)
     if not classes or min(classes) < 0 or max(classes) >= grec.n_classes:
