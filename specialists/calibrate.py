@@ -65,6 +65,7 @@ __all__ = [
     "best_point",
     "calibrate_run",
     "cascade_scan",
+    "cascade_thresholds",
     "choose",
     "collect",
     "kept_specialists",
@@ -240,6 +241,14 @@ def score(col: Collected, comb: Combination) -> dict:
 CASCADE_SHARES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 
 
+def cascade_thresholds(p_g: torch.Tensor) -> list[float | None]:
+    """None (no cascade), the generalist confidences below which the ``CASCADE_SHARES`` of the
+    examples fall (highest first), and 0 (the generalist alone)."""
+    top = p_g.max(1).values.float()
+    levels = torch.quantile(top, torch.tensor(CASCADE_SHARES)).tolist() if len(top) else []
+    return [None, *sorted({round(v, 6) for v in levels}, reverse=True), 0.0]
+
+
 def cascade_scan(
     col: Collected,
     comb: Combination,
@@ -248,12 +257,9 @@ def cascade_scan(
 ) -> list[dict]:
     """``comb`` at each confidence threshold: accuracy on ``col``, specialists consulted per
     example, and ``speed(combination)``, its measured throughput over the generalist's. Default
-    thresholds: none (no cascade), the generalist confidences below which the
-    ``CASCADE_SHARES`` of the examples fall, and 0 (the generalist alone)."""
+    thresholds: ``cascade_thresholds`` of ``col``."""
     if thresholds is None:
-        top = col.p_g.max(1).values.float()
-        levels = torch.quantile(top, torch.tensor(CASCADE_SHARES)).tolist() if len(top) else []
-        thresholds = [None, *sorted({round(v, 6) for v in levels}, reverse=True), 0.0]
+        thresholds = cascade_thresholds(col.p_g)
     rows = []
     for t in thresholds:
         c = replace(comb, confidence=t)
@@ -463,10 +469,7 @@ def _speed_meter(
             )
         ens = loaded[key]
         ens.combination = comb  # the threshold is read at every batch
-        g = e = 0.0
-        for _ in range(2):
-            g_ips, e_ips = ens.throughput(images)
-            g, e = max(g, g_ips), max(e, e_ips)
+        g, e = ens.best_throughput(images)
         return e / g
 
     return speed
@@ -508,8 +511,8 @@ def select_and_confirm(
         return float((c.p_g.argmax(1).numpy() == c.labels).mean())
 
     n_conf = len(confirm_idx)
-    gain = paired_gain(conf, score(conf, comb)["q"]) if comb.keep != [] and n_conf else None
-    confirmed = score(conf, comb)["accuracy"] if n_conf else None
+    confirmed = score(conf, comb) if n_conf else None
+    gain = paired_gain(conf, confirmed["q"]) if comb.keep != [] and n_conf else None
     comb.chosen_on = {
         "n_examples": int(len(col.labels)),
         "n_selection": int(len(select_idx)),
@@ -517,7 +520,7 @@ def select_and_confirm(
         "generalist_accuracy": round(generalist_acc(sel), 6),  # on the selection half
         "default_accuracy": round(score(sel, Combination(correction=None))["accuracy"], 6),
         "generalist_confirmation_accuracy": round(generalist_acc(conf), 6) if n_conf else None,
-        "confirmation_accuracy": None if confirmed is None else round(confirmed, 6),
+        "confirmation_accuracy": None if confirmed is None else round(confirmed["accuracy"], 6),
         "dropped": [r.id for r in col.records if comb.keep is not None and r.id not in comb.keep],
         "gain": gain,  # on the confirmation half
         "cascade": cascade,  # the threshold's scan on the selection half

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import manifest
 from .artifacts import load_student
@@ -24,6 +23,7 @@ __all__ = [
     "evaluate_run",
     "format_metrics",
     "images_per_second",
+    "paired_speed",
     "plot_coverage",
     "student_rows",
 ]
@@ -191,6 +191,16 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_speed(first, second, images: np.ndarray, tries: int = 3) -> tuple[float, float]:
+    """Images per second of two predictors (uint8 images -> probabilities) on ``images``, timed
+    alternately ``tries`` times, the best of each: one pass of a small model lasts a fraction
+    of a second, and a single one swings by tens of percent with whatever else runs."""
+    times = [
+        (images_per_second(first, images), images_per_second(second, images)) for _ in range(tries)
+    ]
+    return max(a for a, _ in times), max(b for _, b in times)
+
+
 def images_per_second(predict, images: np.ndarray, repeats: int = 1) -> float:
     """Throughput of ``predict`` (uint8 images -> probabilities) on ``images``, after a warm-up."""
     predict(images[:256])
@@ -222,14 +232,7 @@ def student_rows(
             return predict_proba(model, x, transform=transform, device=ens.device)
 
         m = ensemble_metrics(p_g, predict(images), labels, groups)
-        # the best of three alternating timings each: one pass of a small model lasts a fraction
-        # of a second, and a single one swings by tens of percent with whatever else runs
-        times = [
-            (images_per_second(ens.generalist_proba, timed), images_per_second(predict, timed))
-            for _ in range(3)
-        ]
-        generalist_ips = max(g for g, _ in times)
-        student_ips = max(s for _, s in times)
+        generalist_ips, student_ips = paired_speed(ens.generalist_proba, predict, timed)
         rows.append(
             {
                 "name": name,
@@ -247,12 +250,11 @@ def student_rows(
 
 def cascade_curve(ens: Ensemble, images: np.ndarray, labels: np.ndarray) -> list[dict]:
     """The ensemble's accuracy and measured images/s (against the generalist's, timed back to
-    back) as the cascade's confidence threshold varies: no cascade, the thresholds below which
-    the ``CASCADE_SHARES`` of these images fall, and 0 (the generalist alone). Accuracy comes
+    back) as the cascade's confidence threshold varies (``cascade_thresholds``). Accuracy comes
     from one pass of every model (``collect``); each speed is the best of two timed passes."""
     from dataclasses import replace
 
-    from .calibrate import CASCADE_SHARES, collect, score
+    from .calibrate import cascade_thresholds, collect, score
 
     comb = ens.combination
     col = collect(ens, images, labels, top_n_max=ens.top_n)
@@ -260,21 +262,14 @@ def cascade_curve(ens: Ensemble, images: np.ndarray, labels: np.ndarray) -> list
     keep_ids = [r.id for r in ens.specialists]
     col.rows = [col.rows[i] for i, r in enumerate(ens.all_specialists) if r.id in keep_ids]
     col.logits = [col.logits[i] for i, r in enumerate(ens.all_specialists) if r.id in keep_ids]
-    top = col.p_g.max(1).values.float()
-    levels = sorted(
-        {round(v, 6) for v in torch.quantile(top, torch.tensor(CASCADE_SHARES)).tolist()}
-    )
-    thresholds = [None, *reversed(levels), 0.0]
+    thresholds = cascade_thresholds(col.p_g)
     timed = images[: min(len(images), 2048)]
     rows = []
     try:
         for t in thresholds:
             ens.combination = replace(comb, confidence=t)
             s = score(col, replace(comb, keep=None, confidence=t))
-            g = e = 0.0
-            for _ in range(2):
-                g_ips, e_ips = ens.throughput(timed)
-                g, e = max(g, g_ips), max(e, e_ips)
+            g, e = ens.best_throughput(timed)
             rows.append(
                 {
                     "threshold": t,

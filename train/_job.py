@@ -58,11 +58,12 @@ def base_size(run: RunDir) -> int:
     return int(np.load(run.cache_images("train"), mmap_mode="r", allow_pickle=False).shape[1])
 
 
-def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int] = ()) -> None:
+def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int | None] = ()) -> None:
     """Cache the run's data for the workers: at the data's own size, and made again from the
-    originals at every size in ``sizes`` above it that is not the generalist's own (checked to
-    hold the same labels in the same order; the embedded data's nuisance draws differ between
-    sizes, so the images are other renderings of the same classes)."""
+    originals at every size in ``sizes`` above it that is not the generalist's own (None stands
+    for the generalist's). Each is checked to hold the same labels in the same order; the
+    embedded data's nuisance draws differ between sizes, so its images are other renderings of
+    the same classes."""
     source = DataSource.from_dict(record.data)
     if not run.cache_labels("val").is_file():
         log.info("caching the data arrays for the workers")

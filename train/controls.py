@@ -32,7 +32,7 @@ from specialists.artifacts import generalist_record, load_checked, load_groups, 
 from specialists.calibrate import calibrate_run
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
-from specialists.evaluate import ensemble_metrics, evaluate_run, images_per_second
+from specialists.evaluate import ensemble_metrics, evaluate_run, paired_speed
 from specialists.models import (
     apply_checkpoint,
     create_model,
@@ -44,7 +44,7 @@ from specialists.records import FinetuneRecord, GeneralistRecord, SpecialistReco
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import load_json, save_json
-from specialists.transforms import BatchTransform, make_transforms
+from specialists.transforms import BatchTransform
 
 from ._job import cache_sizes, save_artifact, start_job
 from .launch import Job, JobResult, run_jobs
@@ -237,7 +237,7 @@ def run_controls(
     run.require_generalist()
     jobs, cfg = control_jobs(run, seed=seed)
     grec = generalist_record(run)
-    cache_sizes(run, grec, [j.inputs["input_size"] or 0 for j in jobs if "input_size" in j.inputs])
+    cache_sizes(run, grec, [j.inputs.get("input_size") for j in jobs])
     results = run_jobs(
         run,
         jobs,
@@ -254,17 +254,26 @@ def run_controls(
     return results
 
 
+def _finetuned_model(
+    run: RunDir, grec: GeneralistRecord, out: str, index: int, device: torch.device
+) -> tuple[torch.nn.Module, BatchTransform, FinetuneRecord]:
+    """A fine-tuned control's model (in eval mode, on ``device``), its eval transform (at its own
+    input size) and its record."""
+    files = run.artifact(out, index)
+    rec = load_checked(run, files.record, files.weights, FinetuneRecord, missing="missing")
+    arch, size = rec.architecture or grec.architecture, rec.input_size or grec.input_size
+    model = create_model(arch, grec.n_classes, grec.in_chans, size)
+    load_weights(model, files.weights, arch)
+    return model.to(device).eval(), BatchTransform(grec.mean, grec.std, size), rec
+
+
 def _finetuned_proba(
     run: RunDir, grec: GeneralistRecord, out: str, n: int, images: np.ndarray, device: torch.device
 ) -> list[np.ndarray]:
-    _, eval_tf = make_transforms(grec)
     probs = []
     for i in range(n):
-        files = run.artifact(out, i)
-        load_checked(run, files.record, files.weights, FinetuneRecord, missing="missing")
-        model = create_model(grec.architecture, grec.n_classes, grec.in_chans, grec.input_size)
-        load_weights(model, files.weights, grec.architecture)
-        probs.append(predict_proba(model.to(device), images, transform=eval_tf, device=device))
+        model, tf, _ = _finetuned_model(run, grec, out, i, device)
+        probs.append(predict_proba(model, images, transform=tf, device=device))
     return probs
 
 
@@ -299,33 +308,19 @@ def control_rows(
     plain = (p_g + sum(copies)) / (1 + n)
     rows.append(("plain ensemble", plain, _train_seconds(run, RunDir.PLAIN_CONTROL, n)))
     speeds = {}
-    large = run.artifact(RunDir.LARGE_CONTROL, 0)
-    if large.record.is_file():
-        rec = load_checked(run, large.record, large.weights, FinetuneRecord, missing="missing")
-        arch, size = rec.architecture or grec.architecture, rec.input_size or grec.input_size
-        model = create_model(arch, grec.n_classes, grec.in_chans, size)
-        load_weights(model, large.weights, arch)
-        model.to(dev).eval()
-        tf = BatchTransform(grec.mean, grec.std, size)
-        gen_tf = make_transforms(grec)[1]
+    if run.artifact(RunDir.LARGE_CONTROL, 0).record.is_file():
+        model, tf, rec = _finetuned_model(run, grec, RunDir.LARGE_CONTROL, 0, dev)
 
         def predict(x, model=model, tf=tf):
             return predict_proba(model, x, transform=tf, device=dev)
 
-        def predict_g(x):
-            return predict_proba(rand.generalist, x, transform=gen_tf, device=dev)
-
         name = "large generalist"
         rows.append((name, predict(images), _train_seconds(run, RunDir.LARGE_CONTROL, 1)))
         timed = images[: min(len(images), 2048)]
-        times = [
-            (images_per_second(predict_g, timed), images_per_second(predict, timed))
-            for _ in range(3)
-        ]
-        g_ips, ips = max(t[0] for t in times), max(t[1] for t in times)
+        g_ips, ips = paired_speed(rand.generalist_proba, predict, timed)
         speeds[name] = {
-            "architecture": arch,
-            "input_size": size,
+            "architecture": rec.architecture or grec.architecture,
+            "input_size": rec.input_size or grec.input_size,
             "images_per_second": round(ips, 1),
             "throughput_ratio": round(ips / g_ips, 3),
         }

@@ -55,7 +55,7 @@ def train_specialists(
             f"--only {bad[0]}: no such group (the run has groups 0..{len(groups) - 1})"
         )
     jobs = specialist_jobs(groups, grec, cfg, ids=ids)
-    cache_sizes(run, grec, [cfg.member(i, grec)[1] for i in ids])
+    cache_sizes(run, grec, [j.inputs["input_size"] for j in jobs])
     write_config(run.specialists_config, cfg)
     results = run_jobs(
         run,

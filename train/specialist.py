@@ -211,11 +211,18 @@ def _set_trainable(model: nn.Module, trainable: str) -> None:
 
 
 def check_member(
-    arch: str, size: int, ckpt: str | None, grec: GeneralistRecord, *, what: str
+    arch: str,
+    size: int,
+    ckpt: str | None,
+    grec: GeneralistRecord,
+    *,
+    what: str,
+    load_checkpoint: bool = True,
 ) -> None:
     """One clear line when a specialist's architecture, input size or checkpoint cannot work:
     an unknown timm model, an input size below the generalist's (a specialist should see at least
-    as much), a missing checkpoint."""
+    as much), a checkpoint that is missing or does not fit (``load_checkpoint``: loaded here;
+    a job skips it, its driver has loaded it and the job loads it to start from)."""
     if not timm.is_model(arch):
         create_model(arch, 2)  # raises the "unknown timm model" error with suggestions
     if size < grec.input_size:
@@ -223,7 +230,7 @@ def check_member(
             f"{what}: input size {size} is below the generalist's {grec.input_size}; a specialist "
             "sees its images at least as large as the generalist does"
         )
-    if ckpt is not None:  # loads it once here, so a bad file stops before any job starts
+    if ckpt is not None and load_checkpoint:  # a bad file stops before any job starts
         path = str(Path(ckpt).expanduser())
         model = create_model(arch, 2, grec.in_chans, size)
         apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
@@ -359,7 +366,7 @@ def train_specialist(
     grec = generalist_record(RunDir.of(run_dir))
     arch, size, ckpt = member if member is not None else cfg.member(index, grec)
     size = size or grec.input_size
-    check_member(arch, size, ckpt, grec, what=f"specialist {index}")
+    check_member(arch, size, ckpt, grec, what=f"specialist {index}", load_checkpoint=False)
     ctx = start_job(run_dir, device=device, threads=threads, input_size=own_size(size, grec))
     run, dev, generalist, grec = ctx.run, ctx.device, ctx.generalist, ctx.record
     classes = sorted(int(c) for c in classes)
