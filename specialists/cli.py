@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ._version import __version__
 from .errors import SpecialistsError
@@ -404,6 +405,39 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# export
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory with a trained ensemble")
+    p.add_argument(
+        "out", metavar="OUT", help="folder to write (loads with Ensemble.from_pretrained)"
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write each member as ONNX, checked with onnxruntime against PyTorch",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an exported ensemble")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .ensemble import Ensemble
+
+    ens = Ensemble.load(args.run, "cpu")
+    meta = ens.export(args.out, onnx=args.onnx, force=args.force)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(
+        f"exported the generalist and {len(meta['specialists'])} specialist(s) "
+        f"({ens.combination.describe()}) to {args.out} ({size / 2**20:.1f} MiB)"
+    )
+    for r in meta.get("onnx", {}).values():
+        print(f"  {r['file']}: onnxruntime agrees with PyTorch to {r['max_abs_diff']:.1e}")
+    print(f"load it with: Ensemble.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # controls
 
 
@@ -690,6 +724,7 @@ COMMANDS: dict[
         _distill_args,
         _distill,
     ),
+    "export": ("write a self-contained ensemble folder (and ONNX)", _export_args, _export),
     "demo": ("run the whole pipeline on the embedded data", _demo_args, _demo),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),
 }

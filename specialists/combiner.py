@@ -311,7 +311,7 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
         rows where a ratio hit its cap, hence still far from the optimum."""
         ratio = torch.minimum(wd / outside_mass(q_u, alpha), ratio_cap)  # (A,) w_m d_m / Q_m
         capped = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        capped.index_fill_(0, pair_row[ratio >= ratio_cap], True)  # (R,)
+        capped[pair_row[ratio >= ratio_cap]] = True  # (R,)
         ratio_row = torch.zeros(n_rows, dtype=f64, device=device)
         ratio_row.index_add_(0, pair_row, ratio)  # (R,)
         ratio_in = torch.zeros(n_u, dtype=f64, device=device)
@@ -365,7 +365,7 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
                 y_u = q_u - 2 * s_u * r_u + s_u * s_u * v_u
                 y_a = alpha - 2 * step * r_a + step * step * v_a
                 bad = torch.zeros(n_rows, dtype=torch.bool, device=device)
-                bad.index_fill_(0, u_row[~(y_u >= 0)], True)  # (NaN counts as outside)
+                bad[u_row[~(y_u >= 0)]] = True  # (NaN counts as outside)
                 ok = todo & ~bad & (y_a >= 0)
                 x_u = torch.where(ok.index_select(0, u_row), y_u, x_u)
                 x_a = torch.where(ok, y_a, x_a)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import manifest
@@ -22,15 +23,24 @@ from .artifacts import load_generalist, load_specialists, load_weights
 from .combination import Combination, load_combination, specialist_offsets
 from .combiner import combine
 from .errors import SpecialistsError
+from .export import read_export, write_export
 from .gating import ActivePairs, GroupIndex, gate
 from .models import create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
-from .run import EnsemblePaths, RunDir
+from .run import RunDir
 from .transforms import BatchTransform, make_transforms, resize_images
 
 __all__ = ["Ensemble", "EnsembleOutput"]
 
 log = logging.getLogger(__name__)
+
+
+def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A float batch (B, C, H, W) at ``size`` x ``size`` as ``BatchTransform`` resizes (the
+    resize is linear and the normalisation affine per channel, so their order does not matter)."""
+    if x.shape[-2] == size and x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 class EnsembleOutput:
@@ -41,34 +51,46 @@ class EnsembleOutput:
         self.q, self.p_g, self.consulted = q, p_g, consulted
 
 
-class Ensemble:
-    """A generalist, its specialists and the KL combiner."""
+class Ensemble(nn.Module):
+    """A generalist, its specialists and the KL combiner, as one ``nn.Module``.
+
+    ``forward`` takes a float batch (B, C, H, W) normalised as ``preprocess`` makes it and
+    returns the combined log-probabilities (B, K); ``.to()``, ``.eval()`` and ``torch.compile``
+    work as on any module. The numpy side (``predict_proba``, ``run_batch``) takes uint8 images
+    (N, H, W, C). Specialists are loaded on first use (at most ``cache_size`` kept) onto the
+    generalist's device. Every member always stays in eval mode: an ensemble is for inference
+    (``specialists distill`` makes a trainable student of it).
+    """
 
     def __init__(
         self,
-        run: RunDir,
         generalist: nn.Module,
         record: GeneralistRecord,
         specialists: list[SpecialistRecord],
         *,
-        device: torch.device,
+        generalist_weights: Path | None = None,
+        specialist_weights: dict[int, Path],
         top_n: int | None = None,
         cache_size: int | None = None,
         batch_size: int = 512,
-        paths: EnsemblePaths | None = None,
         combination: Combination | None = None,
+        run: RunDir | None = None,
     ) -> None:
+        super().__init__()
         comb = combination or Combination()
         if top_n is not None:
             comb = replace(comb, top_n=top_n)
         self.combination = comb
-        self.run, self.generalist, self.record = run, generalist, record
+        self.run, self.generalist, self.record = run, generalist.eval(), record
         self.all_specialists = specialists
         keep = None if comb.keep is None else set(comb.keep)
         self.specialists = [s for s in specialists if keep is None or s.id in keep]
-        self.device, self.top_n, self.batch_size = device, comb.top_n, batch_size
+        self.generalist_weights = generalist_weights  # its file, for `specialists export`
+        self.specialist_weights = dict(specialist_weights)
+        self.generalist.requires_grad_(False)
+        self.top_n, self.batch_size = comb.top_n, batch_size
         self.cache_size = cache_size
-        self.paths = paths or run.ensemble()
+        device = self.device
         self.groups = GroupIndex.from_lists(
             [s.classes for s in self.specialists], n_classes=record.n_classes
         ).to(device)
@@ -81,7 +103,8 @@ class Ensemble:
         self._transforms = {record.input_size: self.transform}
         # the side images must have at least: every consulted model resizes from them
         self.input_size = max([record.input_size] + [s.size(record) for s in self.specialists])
-        self._cache: OrderedDict[int, nn.Module] = OrderedDict()
+        self.loaded = nn.ModuleDict()  # specialist id (str) -> model, least recently used first
+        self.eval()
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -103,8 +126,7 @@ class Ensemble:
         (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
         equal weights); ``top_n`` overrides its gating width."""
         run = RunDir.of(run_dir)
-        dev = resolve_device(device)
-        generalist, record = load_generalist(run, dev)
+        generalist, record = load_generalist(run, resolve_device(device))
         paths = run.ensemble(variant)
         if top_n is not None and not 1 <= top_n <= record.n_classes:
             raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
@@ -114,16 +136,70 @@ class Ensemble:
                 manifest.verify(run.root, paths.combination)
             combination = load_combination(paths.combination) or Combination()
         return cls(
-            run,
             generalist,
             record,
             records,
-            device=dev,
+            generalist_weights=run.generalist_weights,
+            specialist_weights={r.id: paths.specialist(r.id).weights for r in records},
             top_n=top_n,
             cache_size=cache_size,
-            paths=paths,
             combination=combination,
+            run=run,
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device: str = "auto",
+        *,
+        top_n: int | None = None,
+        cache_size: int | None = None,
+    ) -> Ensemble:
+        """Load an ensemble written by ``specialists export`` (see :mod:`specialists.export`):
+        no run directory needed, every file checked against the checksums in its JSON."""
+        parts = read_export(folder, resolve_device(device))
+        return cls(
+            parts.generalist,
+            parts.record,
+            parts.specialists,
+            generalist_weights=parts.generalist_weights,
+            specialist_weights=parts.specialist_weights,
+            top_n=top_n,
+            cache_size=cache_size,
+            combination=parts.combination,
+        )
+
+    def export(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> dict:
+        """Write this ensemble to the folder ``out`` for :meth:`from_pretrained` (see
+        :mod:`specialists.export`): every consulted member's weights, one JSON, and with
+        ``onnx`` each member as ONNX checked with onnxruntime. Returns the JSON written."""
+        if self.generalist_weights is None:
+            raise SpecialistsError("this ensemble was built without its generalist's file")
+        source = "" if self.run is None else str(self.run.root)
+        return write_export(self, out, onnx=onnx, force=force, source=source)
+
+    # -- the module ------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the ensemble runs: the generalist's device (``.to()`` moves everything)."""
+        return next(self.generalist.parameters()).device
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .cpu() all come through here
+        super()._apply(fn, *args, **kwargs)
+        device = self.device
+        self.groups = self.groups.to(device)
+        self.offsets = [o.to(device) for o in self.offsets]
+        return self
+
+    def train(self, mode: bool = True) -> Ensemble:
+        """Sets the flag only: every member stays in eval mode (batch norm and dropout as at
+        inference), for an ensemble is not trained as a whole."""
+        super().train(mode)
+        for module in self.children():
+            module.eval()
+        return self
 
     @property
     def mixed_sizes(self) -> bool:
@@ -159,22 +235,23 @@ class Ensemble:
         return self.load_specialist(self.specialists[m])
 
     def load_specialist(self, rec: SpecialistRecord) -> nn.Module:
-        m = rec.id
-        if m in self._cache:
-            self._cache.move_to_end(m)
-            return self._cache[m]
+        key = str(rec.id)
+        if key in self.loaded:
+            model = self.loaded.pop(key)  # to the end: most recently used
+            self.loaded[key] = model
+            return model
         n_out = len(rec.classes) + 1
         size = rec.size(self.record)
         model = create_model(rec.architecture, n_out, self.record.in_chans, size)
         load_weights(
             model,
-            self.paths.specialist(rec.id).weights,
+            self.specialist_weights[rec.id],
             f"a {rec.architecture} with {n_out} outputs at {size} px",
         )
-        model.to(self.device).eval()
-        self._cache[m] = model
-        if self.cache_size is not None and len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        model.to(self.device).eval().requires_grad_(False)
+        self.loaded[key] = model
+        if self.cache_size is not None and len(self.loaded) > self.cache_size:
+            del self.loaded[next(iter(self.loaded))]
         return model
 
     # -- inference -------------------------------------------------------------------------------
@@ -212,6 +289,33 @@ class Ensemble:
         ]
         return torch.cat(out).numpy()
 
+    def preprocess(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, H, W, C) -> the float batch ``forward`` takes: (N, C, S, S) at the
+        ensemble's largest input size S, normalised with the generalist's mean and std."""
+        x = self.check_images(images).to(self.device)
+        if self.input_size not in self._transforms:
+            r = self.record
+            self._transforms[self.input_size] = BatchTransform(r.mean, r.std, self.input_size)
+        return self._transforms[self.input_size](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Combined log-probabilities (B, K) of a float batch (B, C, H, W) normalised as
+        ``preprocess`` makes it, with H and W at least ``input_size``: each member resizes it
+        to its own input size (bilinear, antialiased, as in training)."""
+        r = self.record
+        if x.ndim != 4 or x.shape[1] != r.in_chans or not x.is_floating_point():
+            raise SpecialistsError(
+                f"expected a float batch of shape (B, {r.in_chans}, H, W), got {x.dtype} {tuple(x.shape)}"
+            )
+        if min(x.shape[-2:]) < self.input_size:
+            raise SpecialistsError(
+                f"inputs are {x.shape[-2]}x{x.shape[-1]} but the ensemble takes {self.input_size} px"
+            )
+        q, _, _ = self._combine(
+            _resized(x, r.input_size), lambda rec, rows: _resized(x[rows], rec.size(r))
+        )
+        return torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))
+
     @torch.no_grad()
     def combine_transformed(
         self, x: torch.Tensor, raw: torch.Tensor | None = None
@@ -221,29 +325,48 @@ class Ensemble:
         specialist only on the rows that activate it, then the combiner. A distillation teacher
         calls this on the student's own augmented batch. Specialists with their own input size
         need ``raw``, the uint8 batch ``x`` was made from, to resize from."""
+
+        def view(rec: SpecialistRecord, rows: torch.Tensor) -> torch.Tensor:
+            if rec.size(self.record) == self.record.input_size:
+                return x[rows]
+            if raw is None:
+                raise SpecialistsError(
+                    f"specialist {rec.id} takes {rec.size(self.record)} px inputs: it needs "
+                    "the untransformed images, not the generalist's view"
+                )
+            return self.transform_for(rec)(raw[rows])
+
+        return self._combine(x, view)
+
+    def _combine(
+        self, x: torch.Tensor, view: Callable[[SpecialistRecord, torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
+        """The generalist on ``x`` (its input), the gate, each active specialist on
+        ``view(record, rows)`` (its input for those rows), the combiner."""
         p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
-        pairs = gate(p_g, self.groups, self.top_n, self.combination.confidence)
+        pairs, per_specialist = self._route(p_g)
         outputs = []
-        for m, rows in enumerate(pairs.per_specialist(len(self.specialists))):
+        for m, rows in enumerate(per_specialist):
             if len(rows):
                 rec = self.specialists[m]
-                if rec.size(self.record) == self.record.input_size:
-                    xm = x[rows]
-                elif raw is None:
-                    raise SpecialistsError(
-                        f"specialist {rec.id} takes {rec.size(self.record)} px inputs: it needs "
-                        "the untransformed images, not the generalist's view"
-                    )
-                else:
-                    xm = self.transform_for(rec)(raw[rows])
-                logits = self.specialist(m)(xm).float() + self.offsets[m]
+                logits = self.specialist(m)(view(rec, rows)).float() + self.offsets[m]
                 outputs.append(torch.softmax(logits, 1))
-        q = (
-            combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
-            if outputs
-            else p_g
-        )
-        return q, p_g, pairs
+        return self._fuse(p_g, outputs, pairs), p_g, pairs
+
+    # The routing and the combiner depend on the data (which rows, how many EM steps): under
+    # torch.compile they run eagerly, and the members' forward passes are what gets compiled.
+    @torch.compiler.disable
+    def _route(self, p_g: torch.Tensor) -> tuple[ActivePairs, list[torch.Tensor]]:
+        pairs = gate(p_g, self.groups, self.top_n, self.combination.confidence)
+        return pairs, pairs.per_specialist(len(self.specialists))
+
+    @torch.compiler.disable
+    def _fuse(
+        self, p_g: torch.Tensor, outputs: list[torch.Tensor], pairs: ActivePairs
+    ) -> torch.Tensor:
+        if not outputs:
+            return p_g
+        return combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
 
     @torch.no_grad()
     def run_batch(self, images: np.ndarray | torch.Tensor) -> EnsembleOutput:

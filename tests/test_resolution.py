@@ -91,6 +91,11 @@ def test_inference_resizes_each_model_exactly_as_training_did(family_run):
         assert col.logits[m].shape[1] == len(rec.classes) + 1
     q = ens.predict_proba(val.images)
     assert q.shape == (len(val), 6) and np.allclose(q.sum(1), 1, atol=1e-5)
+    # the module's forward: one float batch at 32 px, each member resizing it to its own size
+    with torch.inference_mode():
+        log_q = ens(ens.preprocess(val.images))
+    assert log_q.shape == (len(val), 6)
+    assert np.abs(log_q.exp().numpy() - q).max() <= 1e-5
     with pytest.raises(SpecialistsError, match="images are 16x16 but specialist 0 takes 32 px"):
         ens.predict_proba(val.images[:, ::2, ::2])
 

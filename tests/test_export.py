@@ -1,0 +1,177 @@
+"""The ensemble as an ``nn.Module``, exported to a self-contained folder and to ONNX."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from specialists.cli import main
+from specialists.combination import Combination
+from specialists.ensemble import Ensemble
+from specialists.errors import SpecialistsError
+from specialists.sources import load_data
+
+from .conftest import TINY_DATA
+from .test_ensemble import trained_run  # noqa: F401  (the shared trained run)
+from .test_specialists import run_dir  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_data(TINY_DATA).test.images[:40]
+
+
+def test_the_ensemble_is_a_module(trained_run, images):  # noqa: F811
+    ens = Ensemble.load(trained_run, "cpu", combination=Combination())  # all 3 specialists
+    assert isinstance(ens, torch.nn.Module) and not ens.training
+    out = ens.run_batch(images)
+    x = ens.preprocess(images)
+    assert x.dtype == torch.float32 and x.shape == (40, 3, 16, 16)
+    with torch.inference_mode():
+        log_q = ens(x)
+    assert np.abs(log_q.exp().numpy() - out.q).max() <= 1e-6
+    # every consulted member is a registered submodule: .to() and state_dict see them
+    assert {int(k) for k in ens.loaded} == {c for row in out.consulted for c in row}
+    assert ens.to("cpu") is ens and ens.device.type == "cpu"
+    assert not any(p.requires_grad for p in ens.parameters())
+    ens.train()  # the flag only: batch norm keeps its running statistics
+    assert ens.training and not any(m.training for m in ens.modules() if m is not ens)
+    with torch.inference_mode():
+        assert torch.equal(ens(x), log_q)
+    ens.eval()
+    # larger inputs are resized as in training; wrong shapes are one clear error
+    from specialists.transforms import BatchTransform
+
+    twice = torch.from_numpy(np.repeat(np.repeat(images, 2, axis=1), 2, axis=2))
+    x32 = BatchTransform(ens.record.mean, ens.record.std, 32)(twice)
+    with torch.inference_mode():
+        assert (ens(x32) - ens(ens.preprocess(twice))).abs().max() <= 1e-5
+    with pytest.raises(SpecialistsError, match=r"expected a float batch of shape \(B, 3, H, W\)"):
+        ens(x[:, :1])
+    with pytest.raises(SpecialistsError, match="inputs are 8x8 but the ensemble takes 16 px"):
+        ens(x[..., ::2, ::2])
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_answer(trained_run, images):  # noqa: F811
+    ens = Ensemble.load(trained_run, "cpu", combination=Combination())
+    x = ens.preprocess(images)
+    with torch.inference_mode():
+        want = ens(x)
+        got = torch.compile(ens)(x)
+    assert (got - want).abs().max().item() <= 1e-4  # inductor fuses the float32 ops otherwise
+
+
+def test_export_loads_in_a_fresh_process_without_the_run(trained_run, images, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    ens = Ensemble.load(run, "cpu", combination=Combination(top_n=2, spec_weight=2.0))
+    ens.export(tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "ensemble.json").read_text())
+    assert meta["format"] == "specialists-ensemble" and len(meta["specialists"]) == 3
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "ensemble.json",
+        "generalist.safetensors",
+        "specialist-0.safetensors",
+        "specialist-1.safetensors",
+        "specialist-2.safetensors",
+    ]
+    # the weights are the run's files byte for byte
+    assert (tmp_path / "export" / "specialist-1.safetensors").read_bytes() == (
+        run / "specialists" / "001.safetensors"
+    ).read_bytes()
+    with torch.inference_mode():
+        want = ens(ens.preprocess(images)).numpy()
+    shutil.rmtree(run)  # the export stands alone
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from specialists.ensemble import Ensemble\n"
+        "ens = Ensemble.from_pretrained(sys.argv[1], 'cpu')\n"
+        "x = ens.preprocess(np.load(sys.argv[2]))\n"
+        "with torch.inference_mode():\n"
+        "    np.save(sys.argv[3], ens(x).numpy())\n"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "export"),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
+    assert np.abs(np.load(tmp_path / "out.npy") - want).max() <= 1e-5
+    loaded = Ensemble.from_pretrained(tmp_path / "export", "cpu")
+    assert loaded.combination == ens.combination and loaded.run is None
+    # a changed file is caught before use
+    w = tmp_path / "export" / "specialist-2.safetensors"
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(SpecialistsError, match="specialist-2.safetensors: checksum does not match"):
+        Ensemble.from_pretrained(tmp_path / "export", "cpu")
+
+
+def test_the_export_command(trained_run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "exp"
+    assert main(["export", str(trained_run), str(out)]) == 0
+    assert f"Ensemble.from_pretrained({str(out)!r})" in capsys.readouterr().out
+    calibrated = Ensemble.load(trained_run, "cpu")
+    kept = [s.id for s in calibrated.specialists]
+    meta = json.loads((out / "ensemble.json").read_text())
+    assert [s["id"] for s in meta["specialists"]] == kept  # only the consulted ones travel
+    # a second export refuses to overwrite, --force replaces
+    assert main(["export", str(trained_run), str(out)]) == 2
+    assert "already exists (give --force to replace it)" in capsys.readouterr().err
+    assert main(["export", str(trained_run), str(out), "--force"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    # a folder that is not an export
+    (tmp_path / "other").mkdir()
+    assert main(["export", str(trained_run), str(tmp_path / "other"), "--force"]) == 2
+    assert "is not an exported ensemble; not replacing it" in capsys.readouterr().err
+    for bad, message in [
+        (tmp_path / "missing", "does not exist; not an exported ensemble"),
+        (tmp_path / "other", "has no ensemble.json; not an exported ensemble"),
+    ]:
+        with pytest.raises(SpecialistsError, match=message):
+            Ensemble.from_pretrained(bad)
+
+
+@pytest.mark.slow
+def test_onnx_members_agree_with_pytorch(trained_run, tmp_path, capsys):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    from specialists.export import check_onnx
+
+    ens = Ensemble.load(trained_run, "cpu", combination=Combination())
+    meta = ens.export(tmp_path / "exp", onnx=True)
+    assert set(meta["onnx"]) == {"generalist", "specialist-0", "specialist-1", "specialist-2"}
+    for name, r in meta["onnx"].items():
+        assert r["max_abs_diff"] <= 1e-4
+        model = (
+            ens.generalist
+            if name == "generalist"
+            else ens.load_specialist(ens.specialists[int(name.split("-")[1])])
+        )
+        # checked again here, on other inputs (a batch size the export never saw)
+        diff = check_onnx(model, tmp_path / "exp" / r["file"], 3, r["input_size"], batch=5)
+        assert diff <= 1e-4
+
+
+def test_an_onnx_failure_is_one_line(trained_run, tmp_path, capsys, monkeypatch):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported operator aten::mystery\nlong trace follows")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    assert main(["export", str(trained_run), str(tmp_path / "exp"), "--onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "cannot be exported to ONNX (Unsupported operator aten::mystery)" in err
+    assert not (tmp_path / "exp").exists()
