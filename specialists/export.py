@@ -17,7 +17,6 @@ written under a temporary name and renamed into place: a killed export leaves no
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._version import __version__
+from ._version import software_versions
 from .artifacts import load_weights
 from .combination import Combination
 from .errors import SpecialistsError
@@ -156,11 +155,7 @@ def write_export(
             "combination": ensemble.combination.to_dict(),
             "files": files,
             "source": source,
-            "versions": {
-                "specialists": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": software_versions(),
         }
         if onnx:
             meta["onnx"] = export_onnx(ensemble, tmp / "onnx")

@@ -89,6 +89,7 @@ class JobRecord(Record):
     weights_sha256: str
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)  # the software that made it (none before)
 
 
 @dataclass(frozen=True)

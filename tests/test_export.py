@@ -126,6 +126,14 @@ def test_the_export_command(trained_run, tmp_path, capsys):  # noqa: F811
     kept = [s.id for s in calibrated.specialists]
     meta = json.loads((out / "ensemble.json").read_text())
     assert [s["id"] for s in meta["specialists"]] == kept  # only the consulted ones travel
+    # every record says what made it
+    for record in (
+        meta["generalist"],
+        json.loads((trained_run / "specialists" / "000.json").read_text()),
+    ):
+        v = record["versions"]
+        assert v["torch"] == torch.__version__ and v["numpy"] == np.__version__
+        assert {"specialists", "git_revision", "python", "cuda", "timm", "faiss"} <= set(v)
     # a second export refuses to overwrite, --force replaces
     assert main(["export", str(trained_run), str(out)]) == 2
     assert "already exists (give --force to replace it)" in capsys.readouterr().err

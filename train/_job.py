@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from specialists._version import software_versions
 from specialists.artifacts import load_generalist
 from specialists.data import DataBundle, DataSource
 from specialists.errors import SpecialistsError
@@ -165,6 +166,6 @@ def save_artifact(
     """Write ``model``'s weights, then the record ``make_record(weights_sha256)`` that marks the
     artifact complete; returns the record."""
     save_tensors(files.weights, model.state_dict(), metadata)
-    record = make_record(file_sha256(files.weights))
+    record = replace(make_record(file_sha256(files.weights)), versions=software_versions())
     save_json(files.record, record.to_dict())
     return record

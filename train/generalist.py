@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from specialists import manifest
-from specialists._version import __version__
+from specialists._version import software_versions
 from specialists.config import write_config
 from specialists.data import DataBundle, accuracy_gap_warning, split_warning
 from specialists.errors import SpecialistsError
@@ -92,14 +92,6 @@ class GeneralistConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-
-
-def _versions() -> dict:
-    return {
-        "specialists": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
 
 
 def train_generalist(
@@ -289,7 +281,7 @@ def train_generalist(
         eval_batch_size=cfg.eval_batch_size,
         coarse=None if bundle.coarse is None else bundle.coarse.tolist(),
         coarse_names=bundle.coarse_names,
-        versions=_versions(),
+        versions=software_versions(),
     )
     save_json(
         run.generalist_record, record.to_dict()
