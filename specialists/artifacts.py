@@ -48,17 +48,22 @@ def load_checked(
 ) -> R:
     """The record at ``record`` after checking it and ``weights`` against the run's manifest and
     the weights against the record's checksum; ``missing`` completes the error for an absent
-    file. With ``generalist_sha256``, the record must come from that generalist (``rerun`` says
-    which command makes it again)."""
+    file. With ``generalist_sha256``, the record must come from that generalist. ``rerun`` says
+    which command makes it again; a damaged file's error ends with it."""
     for path in (record, weights):
         if not path.is_file():
             raise SpecialistsError(f"{path}: {missing}")
-    manifest.verify(run.root, record)
-    rec = record_type.from_dict(load_json(record), record)
-    if manifest.checked_sha256(run.root, weights) != rec.weights_sha256:
-        raise SpecialistsError(
-            f"{weights}: checksum does not match {record} (file changed or truncated)"
-        )
+    try:
+        manifest.verify(run.root, record)
+        rec = record_type.from_dict(load_json(record), record)
+        if manifest.checked_sha256(run.root, weights) != rec.weights_sha256:
+            raise SpecialistsError(
+                f"{weights}: checksum does not match {record} (file changed or truncated)"
+            )
+    except SpecialistsError as e:
+        if rerun:
+            raise SpecialistsError(f"{e}; to make it again, {rerun}") from e
+        raise
     if generalist_sha256 is not None and rec.generalist_sha256 != generalist_sha256:
         raise SpecialistsError(f"{record}: trained from another generalist ({rerun})")
     return rec
@@ -95,6 +100,7 @@ def load_generalist(
         run.generalist_weights,
         GeneralistRecord,
         missing="missing (retrain with `specialists generalist --force`)",
+        rerun="run `specialists generalist --force`, then cluster and train again",
     )
     model = create_model(record.architecture, record.n_classes, record.in_chans, record.input_size)
     load_weights(model, run.generalist_weights, record.architecture)

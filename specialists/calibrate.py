@@ -310,7 +310,9 @@ def score_grid(col: Collected, keep: list[int] | None, *, progress: bool = False
         itertools.product([n for n in GRID_TOP_N if n <= col.top_n_max], GRID_WEIGHTS, CORRECTIONS)
     )
     grid = []
-    for top_n, w, corr in tqdm(points, desc="calibrating", unit="setting", disable=not progress):
+    for top_n, w, corr in tqdm(
+        points, desc="calibrating", unit="setting", disable=None if progress else True
+    ):
         s = score(col, Combination(top_n=top_n, spec_weight=w, correction=corr, keep=keep))
         grid.append(
             {

@@ -67,11 +67,11 @@ def _generalist_args(p: argparse.ArgumentParser) -> None:
         help="early stopping: epochs without a better validation accuracy (default 4)",
     )
     p.add_argument("--batch-size", type=int, help="default 128")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="default adamw")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--weight-decay", type=float, help="default 0.05")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up, then cosine (default 1)")
+    p.add_argument("--label-smoothing", type=float, help="default 0")
     p.add_argument(
         "--input-size", type=int, help="model input size (default: the data's own; folders: 64)"
     )
@@ -80,7 +80,7 @@ def _generalist_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="share of train/ carved as validation when there is no val/",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA")
     p.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
@@ -149,7 +149,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, help="disjoint mode: largest group")
     p.add_argument("--top-m", type=int, help="keep only the M groups holding the most confusion")
     p.add_argument("--n-init", type=int, help="k-means restarts, best objective kept (default 5)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="k-means seed (default 0)")
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -214,7 +214,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="share of each batch drawn from the group (default 0.5)",
     )
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     p.add_argument(
         "--soft-weight", type=float, help="weight of the generalist's soft targets (default 0: off)"
@@ -257,7 +257,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="local weights (safetensors or a torch state dict) to start the specialists from; "
         "their head is new",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default 0")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -312,14 +312,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "run", metavar="RUN", help="run directory with a generalist, clusters and specialists"
     )
     p.add_argument("--data", help="data source (default: the one the generalist was trained on)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="default test")
     p.add_argument(
         "--top-n",
         type=int,
         help="consult the specialists of the generalist's top-n classes "
         "(default: the width calibrated on validation, else 1)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument(
         "--cache-size", type=int, help="specialists kept in memory at once (default: all)"
     )
@@ -344,7 +344,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument(
@@ -358,7 +358,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         default="ensemble",
         help="what answers: the ensemble (default), the distilled student, or the generalist",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -507,7 +507,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=int, help="passes over the training images (default 50)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument(
         "--transfer",
         help="images without labels to learn from the teacher alone: a folder of images or any "
@@ -519,7 +519,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         help="also distil the generalist alone (self-distillation) and, where the run has it, "
         "the random-groups ensemble",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default 0")
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -618,7 +618,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--per-class", type=int, default=8, help="samples per class in the grid (default 8)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="of the embedded data and the validation carve (default 0)",
+    )
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -659,7 +664,7 @@ def _data(args: argparse.Namespace) -> int:
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with trained specialists")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument(
         "--alpha",
         type=float,

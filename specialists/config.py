@@ -74,6 +74,9 @@ def merge_config(cls: type, file_values: dict, overrides: dict, source: str = "c
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
+        name = str(e).split(" ", 1)[0]  # the checks name the setting first
+        if overrides.get(name) is not None:  # it came from a flag: name the flag and its value
+            raise SpecialistsError(f"--{name.replace('_', '-')} {overrides[name]}: {e}") from e
         raise SpecialistsError(f"{source}: {e}") from e
 
 

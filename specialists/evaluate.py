@@ -72,6 +72,7 @@ def ensemble_metrics(
             {
                 "n_specialists": c,
                 "n_examples": int(sel.sum()),
+                "generalist_correct": base,
                 "delta_correct": delta,
                 "relative_change": round(delta / base, 5) if base else None,
             }
@@ -320,31 +321,49 @@ def plot_cascade(rows: list[dict], m: dict, path: str | Path) -> None:
 
 
 def plot_coverage(m: dict, path: str | Path) -> None:
-    """Bars of the relative accuracy change by the number of specialists covering the class."""
+    """Accuracy of the generalist and of the ensemble on the test examples grouped by how many
+    specialists cover their true class (0: none, the ensemble can only match the generalist)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = m["coverage_breakdown"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = list(range(len(rows)))
-    ys = [100 * (r["relative_change"] or 0.0) for r in rows]
-    ax.set_xticks(xs, [str(r["n_specialists"]) for r in rows])
-    bars = ax.bar(xs, ys, color=["#999999" if r["n_specialists"] == 0 else "#3b75af" for r in rows])
-    for b, r in zip(bars, rows):
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = np.arange(len(rows))
+    acc_g = [100 * r.get("generalist_correct", 0) / max(r["n_examples"], 1) for r in rows]
+    acc_e = [
+        100 * (r.get("generalist_correct", 0) + r["delta_correct"]) / max(r["n_examples"], 1)
+        for r in rows
+    ]
+    w = 0.38
+    ax.bar(xs - w / 2, acc_g, w, color="#999999", label="generalist")
+    bars = ax.bar(xs + w / 2, acc_e, w, color="#3b75af", label="ensemble")
+    for x, b, r in zip(xs, bars, rows):
+        rel = "" if r["relative_change"] is None else f" ({100 * r['relative_change']:+.1f}%)"
         ax.annotate(
-            f"{r['n_examples']} ex.\n{r['delta_correct']:+d}",
-            (b.get_x() + b.get_width() / 2, b.get_height()),
+            f"{r['delta_correct']:+d} correct{rel}",
+            (x, max(b.get_height(), acc_g[x]) + 2),
             ha="center",
-            va="bottom" if b.get_height() >= 0 else "top",
+            va="bottom",
             fontsize=8,
         )
-    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(
+        xs, [f"{r['n_specialists']}\n{r['n_examples']} examples" for r in rows], fontsize=8
+    )
+    half, centre = max(len(rows), 3) / 2, (len(rows) - 1) / 2  # one bucket: not one wide bar
+    ax.set_xlim(centre - half, centre + half)
+    ax.set_ylim(0, 118)  # room for the labels above a 100% bar, below the title
+    ax.set_yticks(range(0, 101, 20))
     ax.set_xlabel("specialists covering the true class")
-    ax.set_ylabel("relative change in correct (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(loc="upper left", fontsize=8, ncols=2, frameon=False)
+    rer = m.get("relative_error_reduction")
     ax.set_title(
-        f"ensemble {100 * m['ensemble_accuracy']:.2f}% vs generalist {100 * m['generalist_accuracy']:.2f}%"
+        f"ensemble {100 * m['ensemble_accuracy']:.2f}% vs generalist "
+        f"{100 * m['generalist_accuracy']:.2f}%"
+        + ("" if rer is None else f", relative error reduction {100 * rer:.2f}%"),
+        fontsize=10,
     )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)

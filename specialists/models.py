@@ -179,7 +179,7 @@ def predict_proba(
         range(0, len(images), batch_size),
         desc=desc,
         leave=False,
-        disable=not progress,
+        disable=None if progress else True,
         unit="batch",
     ):
         x = transform(images[start : start + batch_size].to(device, non_blocking=True))

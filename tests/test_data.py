@@ -215,3 +215,19 @@ def test_a_validation_accuracy_far_above_test_is_flagged():
     assert "far above test accuracy" in accuracy_gap_warning(0.9997, 3000, 0.971, 3000)
     assert accuracy_gap_warning(0.93, 3000, 0.925, 3000) is None  # within noise
     assert accuracy_gap_warning(0.99, 100, 0.97, 100) is None  # too few images to tell
+
+
+def test_the_sample_grid_labels_every_row(tmp_path):
+    from specialists.preview import save_sample_grid
+
+    from .conftest import TINY_DATA
+
+    bundle = load_data(TINY_DATA)
+    save_sample_grid(bundle, tmp_path / "grid.png", n_classes=5, per_class=4, scale=2)
+    im = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
+    tiles_w = 4 * (16 + 2) * 2
+    assert im.shape == (5 * 18 * 2, im.shape[1]) and im.shape[1] > tiles_w + 40
+    margin = im[:, : im.shape[1] - tiles_w]
+    for r in range(5):  # text in the margin of every row, and white between rows of text
+        row = margin[r * 36 : (r + 1) * 36]
+        assert (row < 128).sum() > 20, r

@@ -65,6 +65,7 @@ def test_metrics_by_hand():
     assert rows[0] == {
         "n_specialists": 0,
         "n_examples": 1,
+        "generalist_correct": 1,
         "delta_correct": 0,
         "relative_change": 0.0,
     }
@@ -304,7 +305,7 @@ def _broken_copy(src, dst, breakage):
         (lambda r: (r.specialists_dir / "001.json").unlink(), "specialist 1 is missing"),
         (
             lambda r: (r.specialists_dir / "002.safetensors").write_bytes(b"\x00" * 10),
-            "002.safetensors: 10 bytes, the run's manifest says",
+            "(truncated or changed); to make it again, rerun `specialists train",
         ),
         (
             lambda r: save_json(

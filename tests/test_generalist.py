@@ -155,7 +155,7 @@ def test_cli_trains_and_bad_input_is_one_line(tmp_path, capsys):
         (["--model", "no_such_net"], "unknown timm model 'no_such_net'"),
         (["--data", str(tmp_path / "missing")], "data path not found"),
         (["--checkpoint", str(tmp_path / "none.pt")], "checkpoint not found"),
-        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--epochs", "0"], "--epochs 0: epochs must be >= 1, got 0"),
     ]
     for extra, message in cases:
         out = tmp_path / "x"

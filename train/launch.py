@@ -243,7 +243,7 @@ def run_local(
     slots = [_Slot(ctx, run, cfg, dev, threads) for dev, threads in _slots(workers, device)]
     queue = list(jobs)
     results: list[JobResult] = []
-    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=None if progress else True)
     try:
         while queue or any(s.job for s in slots):
             for slot in slots:
@@ -328,7 +328,7 @@ def run_ray(
         remote.remote(str(run.root.resolve()), job, cfg, device, cpus_per_job): job for job in jobs
     }
     results: list[JobResult] = []
-    bar = tqdm(total=len(jobs), desc="jobs (ray)", unit="job", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="jobs (ray)", unit="job", disable=None if progress else True)
     while refs:
         done, _ = ray.wait(list(refs), num_returns=1)
         job = refs.pop(done[0])

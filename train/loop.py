@@ -99,7 +99,7 @@ def train_one_epoch(
     batches = list(batches)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch")
+    bar = tqdm(batches, desc=desc, leave=False, disable=None if progress else True, unit="batch")
     for idx in bar:
         idx_t = torch.from_numpy(np.asarray(idx))
         x = transform(images[idx_t].to(device, non_blocking=True), generator)

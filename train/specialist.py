@@ -117,8 +117,10 @@ class SpecialistConfig:
             raise ValueError(f"correction must be gated, natural or none, got {self.correction!r}")
         if not 0 <= self.soft_weight <= 1:
             raise ValueError(f"soft_weight must be in [0, 1], got {self.soft_weight}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
 
     def member(self, index: int, generalist: GeneralistRecord) -> tuple[str, int, str | None]:
         """(architecture, input size, checkpoint) of specialist ``index``: its group's override,
