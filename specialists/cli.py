@@ -344,9 +344,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
-    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument(
+        "run", metavar="RUN", help="run directory, or a folder written by `specialists export`"
+    )
+    p.add_argument(
+        "images", metavar="PATH", nargs="+", help="image files and folders (searched recursively)"
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write one row per image to FILE.csv or FILE.jsonl (default: print them)",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument(
         "--top-n",
         type=int,
@@ -358,33 +368,41 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         default="ensemble",
         help="what answers: the ensemble (default), the distilled student, or the generalist",
     )
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    p.add_argument(
+        "--workers", type=int, help="threads decoding images (default: the CPUs, at most 8)"
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .artifacts import generalist_record, load_generalist, load_student
-    from .image_files import read_images
+    from .export import is_export
     from .models import predict_proba, resolve_device
+    from .predict import list_images, predict_files
     from .transforms import make_transforms
 
-    if args.top_k < 1:
-        raise SpecialistsError(f"--top-k {args.top_k}: must be >= 1")
-    run = RunDir.of(args.run)
+    files = list_images(args.images)
+    if not files:
+        raise SpecialistsError(f"no image files in {' '.join(args.images)}")
+    exported = is_export(args.run)
     if args.model == "ensemble":
         from .ensemble import Ensemble
 
-        ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
-        images = read_images(args.images, ens.input_size, ens.record.in_chans)
-        out = ens.run_batch(images)
-        probs, names = out.q, ens.record.class_names
-        notes = [
-            "consulted specialist(s): "
-            + (", ".join(f"#{i}" for i in c) if c else "none (generalist only)")
-            for c in out.consulted
-        ]
+        if exported:
+            ens = Ensemble.from_pretrained(args.run, args.device, top_n=args.top_n)
+        else:
+            ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
+        size, channels, names = ens.input_size, ens.record.in_chans, ens.record.class_names
+
+        def predict(images):
+            out = ens.run_batch(images)
+            return out.q, out.consulted
+
     else:
+        if exported:
+            raise SpecialistsError(f"{args.run}: an exported folder holds the ensemble only")
+        run = RunDir.of(args.run)
         device = resolve_device(args.device)
         if args.model == "student":
             grec = generalist_record(run)
@@ -392,15 +410,34 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             model, grec = load_generalist(run, device)
             transform = make_transforms(grec)[1]
-        images = read_images(args.images, grec.input_size, grec.in_chans)
-        probs = predict_proba(model, images, transform=transform, device=device)
-        notes = [args.model] * len(images)
-        names = grec.class_names
-    for path, q, note in zip(args.images, probs, notes):
-        top = np.argsort(-q)[: args.top_k]
-        print(f"{path}  [{note}]")
-        for c in top:
-            print(f"  {q[c]:7.4f}  {names[c]}")
+        size, channels, names = grec.input_size, grec.in_chans, grec.class_names
+
+        def predict(images):
+            probs = predict_proba(model, images, transform=transform, device=device)
+            return probs, [[] for _ in probs]
+
+    summary = predict_files(
+        predict,
+        files,
+        size=size,
+        channels=channels,
+        class_names=names,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        output=args.output,
+        workers=args.workers,
+        progress=not args.quiet,
+        warn=lambda line: print(line, file=sys.stderr),
+        label=None if args.model == "ensemble" else args.model,
+    )
+    if summary.failures:
+        print(
+            f"{len(summary.failures)} of {len(files)} file(s) unreadable and skipped "
+            f"(each named above), e.g. {summary.failures[0][0]}",
+            file=sys.stderr,
+        )
+    if args.output:
+        print(f"{summary.n_images} image(s) predicted, written to {args.output}")
     return 0
 
 

@@ -35,7 +35,7 @@ from .models import create_model
 from .records import GeneralistRecord, SpecialistRecord
 from .storage import file_sha256, load_json, save_json
 
-__all__ = ["FORMAT", "ExportedParts", "check_onnx", "read_export", "write_export"]
+__all__ = ["FORMAT", "ExportedParts", "check_onnx", "is_export", "read_export", "write_export"]
 
 FORMAT = "specialists-ensemble"
 FORMAT_VERSION = 1
@@ -58,6 +58,17 @@ class ExportedParts:
     generalist_weights: Path
     specialist_weights: dict[int, Path]
     combination: Combination
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds an exported ensemble (a run directory does not)."""
+    path = Path(folder) / MANIFEST
+    if not (Path(folder) / GENERALIST).is_file() or not path.is_file():
+        return False
+    try:
+        return load_json(path).get("format") == FORMAT
+    except (SpecialistsError, AttributeError):
+        return False
 
 
 def read_export(folder: str | os.PathLike, device: torch.device) -> ExportedParts:

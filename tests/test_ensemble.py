@@ -341,7 +341,11 @@ def test_predict_prints_classes_and_specialists(trained_run, tmp_path, capsys):
     assert "consulted specialist(s): " in out and len(out.strip().splitlines()) == 4
     (tmp_path / "bad.png").write_bytes(b"")
     assert main(["predict", str(trained_run), str(tmp_path / "bad.png"), "--quiet"]) == 2
-    assert "bad.png: unreadable image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad.png: skipped (unreadable image" in err
+    assert "error: no readable image among 1 file(s)" in err
+    assert main(["predict", str(trained_run), str(tmp_path / "nothing"), "--quiet"]) == 2
+    assert "nothing: no such file or folder" in capsys.readouterr().err
 
 
 def test_the_cascade_threshold_scan_by_hand():

@@ -183,3 +183,95 @@ def test_an_onnx_failure_is_one_line(trained_run, tmp_path, capsys, monkeypatch)
     assert err.count("\n") == 0
     assert "cannot be exported to ONNX (Unsupported operator aten::mystery)" in err
     assert not (tmp_path / "exp").exists()
+
+
+def _write_pngs(folder, images, names):
+    from PIL import Image
+
+    for img, name in zip(images, names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+
+
+def test_predict_writes_one_row_per_readable_image(trained_run, images, tmp_path, capsys):  # noqa: F811
+    import csv
+
+    folder = tmp_path / "in"
+    names = [f"{'a' if i % 2 else 'b/c'}/img{i:03d}.png" for i in range(len(images))]
+    _write_pngs(folder, images, names)
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "a" / "notes.txt").write_text("not an image")  # not listed: not an image name
+    (folder / ".hidden").mkdir()
+    _write_pngs(folder / ".hidden", images[:1], ["x.png"])  # hidden: skipped
+    out = tmp_path / "preds.csv"
+    args = ["predict", str(trained_run), str(folder), "-o", str(out), "--top-k", "3"]
+    assert main([*args, "--batch-size", "7", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png: skipped (unreadable image" in captured.err
+    assert "1 of 41 file(s) unreadable and skipped" in captured.err
+    assert f"40 image(s) predicted, written to {out}" in captured.out
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 40 and {r["path"] for r in rows} == {str(folder / n) for n in names}
+    assert list(rows[0]) == [
+        "path",
+        *(f"{k}_{i}" for i in (1, 2, 3) for k in ("class", "prob")),
+        "consulted",
+    ]
+    # the same answers as the ensemble on the same images, in the same order of files
+    ens = Ensemble.load(trained_run, "cpu")
+    by_path = {r["path"]: r for r in rows}
+    q = ens.predict_proba(images)
+    for i, n in enumerate(names):
+        r = by_path[str(folder / n)]
+        assert r["class_1"] == ens.record.class_names[int(q[i].argmax())]
+        assert float(r["prob_1"]) == pytest.approx(float(q[i].max()), abs=1e-6)
+    # JSON lines, from the exported folder, for a file and a folder together
+    ens.export(tmp_path / "exp")
+    out_j = tmp_path / "preds.jsonl"
+    one = folder / names[0]
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "exp"),
+                str(one),
+                str(folder / "a"),
+                "-o",
+                str(out_j),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(x) for x in out_j.read_text().splitlines()]
+    assert len(lines) == 1 + 20 and lines[0]["path"] == str(one)
+    assert len(lines[0]["top"]) == 5 and set(lines[0]) == {"path", "top", "consulted"}
+    assert (
+        main(["predict", str(tmp_path / "exp"), str(one), "-o", str(tmp_path / "p.txt"), "-q"]) == 2
+    )
+    assert "the output must end in .csv or .jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_a_folder_of_ten_thousand_images(trained_run, tmp_path, capsys):  # noqa: F811
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "many"
+    for d in range(10):
+        (folder / f"d{d}").mkdir(parents=True)
+    for i in range(10_000):
+        img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / f"d{i % 10}" / f"{i:05d}.png", compress_level=0)
+    corrupt = [folder / "d3" / "bad1.png", folder / "d7" / "bad2.jpg", folder / "bad3.png"]
+    for p in corrupt:
+        p.write_bytes(b"garbage")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(trained_run), str(folder), "-o", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"{p}: skipped" in err for p in corrupt)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 10_000 and len({r["path"] for r in rows}) == 10_000
