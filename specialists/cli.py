@@ -50,13 +50,21 @@ def _generalist_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--checkpoint",
-        help="start from a local checkpoint (.safetensors, or torch format loaded weights-only)",
+        help="start from a local checkpoint: a .safetensors file, torch format (loaded "
+        "weights-only), or a folder with model.safetensors and timm's config.json; input "
+        "channels are adapted and the classifier is new when the class count differs",
     )
     p.add_argument(
         "--reset-head",
         action="store_true",
         default=None,
-        help="with --checkpoint: start a new classifier",
+        help="with --checkpoint: a new classifier even when the class count is the same",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=["auto", "data", "checkpoint"],
+        help="mean and std: the checkpoint's config.json when it has them (auto, default), "
+        "or the data's",
     )
     p.add_argument(
         "--epochs", type=int, help="maximum epochs (default 10; raise it for a converged baseline)"
@@ -795,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates CPU feature probing
+    logging.getLogger("timm").setLevel(logging.WARNING)  # it narrates loading a checkpoint
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,14 +17,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SpecialistsError
-from .storage import load_tensors
+from .storage import load_json, load_tensors
 from .transforms import BatchTransform
 
 __all__ = [
     "autocast_for",
+    "checkpoint_config",
     "create_model",
     "get_classifier",
     "load_checkpoint_weights",
+    "model_from_checkpoint",
     "predict_proba",
     "resolve_device",
     "set_cpu_threads",
@@ -67,11 +69,26 @@ def classifier_name(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is head)
 
 
-def load_checkpoint_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A user's checkpoint: safetensors, or torch's format read with ``weights_only=True``."""
-    path = Path(path)
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")  # in a checkpoint folder
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """The weights file of ``path``: itself, or in a folder (timm's / the Hugging Face hub's
+    layout) ``model.safetensors`` or ``pytorch_model.bin``."""
+    if path.is_dir():
+        for name in CHECKPOINT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise SpecialistsError(f"{path}: a folder without {' or '.join(CHECKPOINT_FILES)}")
     if not path.is_file():
         raise SpecialistsError(f"{path}: checkpoint not found")
+    return path
+
+
+def load_checkpoint_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A user's checkpoint (a file, or a folder holding one): safetensors, or torch's format
+    read with ``weights_only=True``; wrappers (``state_dict``, ``model``, ``module.``) removed."""
+    path = _checkpoint_file(Path(path).expanduser())
     if path.suffix == ".safetensors":
         return load_tensors(path)
     try:
@@ -88,33 +105,108 @@ def load_checkpoint_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def apply_checkpoint(
-    model: nn.Module, state: dict[str, torch.Tensor], path: str, reset_head: bool = False
-) -> None:
-    """Load ``state`` into ``model``; a class-count mismatch is a clear error unless
-    ``reset_head`` (then the classifier keeps its fresh initialisation)."""
-    own = model.state_dict()
-    head_keys = {f"{name}.{p}" for name in [classifier_name(model)] for p in ("weight", "bias")}
-    for k in head_keys:
-        if k in state and state[k].shape != own[k].shape and not reset_head:
-            raise SpecialistsError(
-                f"{path}: checkpoint has {state[k].shape[0]} classes but the data has "
-                f"{own[k].shape[0]} (use --reset-head to start a new classifier)"
-            )
-    if reset_head:
-        state = {k: v for k, v in state.items() if k not in head_keys}
-    bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if bad:
+def checkpoint_config(path: str | os.PathLike) -> dict:
+    """What a checkpoint says of its inputs, from the ``config.json`` beside it or in its folder
+    (timm's ``pretrained_cfg``): ``mean``, ``std`` and ``input_size`` (its side) where given,
+    else {}."""
+    path = Path(path).expanduser()
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        return {}
+    data = load_json(config)
+    cfg = data.get("pretrained_cfg", data) if isinstance(data, dict) else {}
+    out: dict = {}
+    try:
+        if cfg.get("mean") is not None and cfg.get("std") is not None:
+            out["mean"] = [float(v) for v in cfg["mean"]]
+            out["std"] = [float(v) for v in cfg["std"]]
+        if cfg.get("input_size") is not None:
+            out["input_size"] = int(cfg["input_size"][-1])
+    except (TypeError, ValueError, IndexError) as e:
         raise SpecialistsError(
-            f"{path}: tensor {bad[0]!r} has shape {tuple(state[bad[0]].shape)}, model expects {tuple(own[bad[0]].shape)} (another architecture?)"
-        )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in head_keys]
+            f"{config}: pretrained_cfg has a malformed mean, std or input_size"
+        ) from e
+    return out
+
+
+def _names(value: str | Sequence[str] | None) -> list[str]:
+    return [] if not value else [value] if isinstance(value, str) else list(value)
+
+
+def model_from_checkpoint(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    input_size: int | None,
+    path: str | os.PathLike,
+    *,
+    reset_head: bool = False,
+) -> nn.Module:
+    """A timm model started from a local checkpoint through timm's own pretrained loading: the
+    state dict (read weights-only) is handed to ``timm.create_model(pretrained=True)``, which
+    adapts the first convolution to ``in_chans`` input channels and starts a new classifier
+    when the class count differs (or with ``reset_head``). A checkpoint of another
+    architecture is one clear error."""
+    state = load_checkpoint_weights(path)
+    with torch.random.fork_rng():  # the template only names the layers; it consumes no seed
+        template = create_model(name, num_classes, in_chans, input_size)
+    cfg = dict(getattr(template, "pretrained_cfg", None) or {})
+    heads = _names(cfg.get("classifier")) or [classifier_name(template)]
+    head_keys = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    convs = [c for c in _names(cfg.get("first_conv")) if f"{c}.weight" in state]
+    own = template.state_dict()
+    missing = [k for k in own if k not in state and k not in head_keys]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise SpecialistsError(
-            f"{path}: does not match the architecture ({len(missing)} missing, {len(unexpected)} unexpected tensors, "
-            f"e.g. {(missing or unexpected)[0]!r})"
+            f"{path}: does not match {name} ({len(missing)} missing, {len(unexpected)} unexpected "
+            f"tensors, e.g. {(missing or unexpected)[0]!r}; another architecture?)"
         )
+    adaptable = head_keys | {f"{c}.weight" for c in convs}
+    bad = [k for k in state if k not in adaptable and state[k].shape != own[k].shape]
+    if bad:
+        raise SpecialistsError(
+            f"{path}: tensor {bad[0]!r} has shape {tuple(state[bad[0]].shape)}, {name} expects "
+            f"{tuple(own[bad[0]].shape)} (another architecture?)"
+        )
+    head_w = next(
+        (state[k] for k in sorted(head_keys) if k.endswith(".weight") and k in state), None
+    )
+    ck_classes = num_classes if head_w is None else int(head_w.shape[0])
+    ck_chans = int(state[f"{convs[0]}.weight"].shape[1]) if convs else in_chans
+    new_head = reset_head or ck_classes != num_classes
+    side = input_size or 224
+    overlay = {
+        "state_dict": state,
+        "num_classes": -1 if new_head else num_classes,  # differs from ours: timm drops the head
+        "input_size": (ck_chans, side, side),
+        "classifier": heads[0] if len(heads) == 1 else tuple(heads),
+        "first_conv": tuple(convs) if convs else None,
+    }
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    try:
+        try:
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay, img_size=side, **kwargs
+            )
+        except TypeError:
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
+            )
+    except RuntimeError as e:
+        raise SpecialistsError(f"{path}: does not fit {name} ({str(e).splitlines()[0]})") from e
+    if new_head and ck_classes != num_classes:
+        log.info(
+            "%s: %d classes in the checkpoint, %d here: a new classifier",
+            path,
+            ck_classes,
+            num_classes,
+        )
+    if ck_chans != in_chans:
+        log.info(
+            "%s: first convolution adapted from %d to %d input channels", path, ck_chans, in_chans
+        )
+    return model
 
 
 def resolve_device(device: str = "auto") -> torch.device:

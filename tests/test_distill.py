@@ -236,6 +236,6 @@ def test_bad_input_is_one_line_and_status_2(run_dir, trained_run, tmp_path, caps
     from specialists.models import create_model
     from specialists.storage import save_tensors
 
-    save_tensors(other, create_model("test_efficientnet", 5, 3).state_dict())
-    fails([str(trained_run), "--init", str(other)], "checkpoint has 5 classes but the data has 12")
+    save_tensors(other, create_model("test_resnet", 12, 3).state_dict())
+    fails([str(trained_run), "--init", str(other)], "does not match test_efficientnet")
     fails([str(trained_run), "--model", "test_resnet", "--init", "generalist"], "--init generalist")

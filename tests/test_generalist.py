@@ -108,22 +108,21 @@ def test_checkpoint_start_and_class_count_mismatch(tmp_path, trained):
         tiny_cfg(checkpoint=str(RunDir.of(out).generalist_weights)), tmp_path / "ft", progress=False
     )
     assert rec.metrics["epochs_run"] == 1
-    # another class count: a clear error, unless the head is reset
+    # another class count: timm's way, a new classifier; another architecture: a clear error
     other = create_model("test_efficientnet", 7)
     save_tensors(tmp_path / "seven.safetensors", other.state_dict())
-    with pytest.raises(SpecialistsError, match="checkpoint has 7 classes but the data has 12"):
+    rec = train_generalist(
+        tiny_cfg(checkpoint=str(tmp_path / "seven.safetensors")), tmp_path / "new", progress=False
+    )
+    assert rec.n_classes == 12
+    save_tensors(tmp_path / "resnet.safetensors", create_model("test_resnet", 12).state_dict())
+    with pytest.raises(SpecialistsError, match="does not match test_efficientnet"):
         train_generalist(
-            tiny_cfg(checkpoint=str(tmp_path / "seven.safetensors")),
+            tiny_cfg(checkpoint=str(tmp_path / "resnet.safetensors")),
             tmp_path / "bad",
             progress=False,
         )
     assert not (tmp_path / "bad" / "generalist" / "record.json").exists()
-    rec = train_generalist(
-        tiny_cfg(checkpoint=str(tmp_path / "seven.safetensors"), reset_head=True),
-        tmp_path / "reset",
-        progress=False,
-    )
-    assert rec.n_classes == 12
     # torch format is read weights-only
     torch.save(load_tensors(RunDir.of(out).generalist_weights), tmp_path / "w.pth")
     train_generalist(tiny_cfg(checkpoint=str(tmp_path / "w.pth")), tmp_path / "pth", progress=False)
@@ -187,3 +186,53 @@ def test_config_file_unknown_keys_and_types(tmp_path, capsys):
     cfg.write_text("epochs: one\n")
     assert main(["generalist", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "epochs='one' has the wrong type" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_imported_the_timm_way(tmp_path):
+    """An RGB checkpoint of 1000 classes on gray data of 10: the first convolution adapted (the
+    sum over its colour channels, as timm does), a new classifier, and the checkpoint's own
+    normalisation and input size from timm's config.json beside it; --normalize data and
+    --input-size override them."""
+    import json
+
+    from specialists.models import model_from_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    rgb = create_model("test_efficientnet", 1000, 3)
+    save_tensors(folder / "model.safetensors", rgb.state_dict())
+    cfg = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.15], "input_size": [3, 24, 24]}
+    (folder / "config.json").write_text(json.dumps({"num_classes": 1000, "pretrained_cfg": cfg}))
+    gray = model_from_checkpoint("test_efficientnet", 10, 1, 24, folder)
+    stem = rgb.state_dict()["conv_stem.weight"]
+    assert torch.allclose(gray.state_dict()["conv_stem.weight"], stem.sum(1, keepdim=True))
+    assert gray.get_classifier().weight.shape == (10, gray.get_classifier().in_features)
+    same = model_from_checkpoint("test_efficientnet", 1000, 3, 24, folder / "model.safetensors")
+    assert all(
+        torch.equal(a, b) for a, b in zip(same.state_dict().values(), rgb.state_dict().values())
+    )
+
+    from dataclasses import replace
+
+    rgb_data = load_data(TINY_DATA)
+    gray = replace(
+        rgb_data,
+        **{
+            s: replace(
+                rgb_data.split(s),
+                images=rgb_data.split(s).images.mean(-1, keepdims=True).astype(np.uint8),
+            )
+            for s in ("train", "val", "test")
+        },
+    )
+    base = dict(data=TINY_DATA, epochs=1, batch_size=32, threads=1, checkpoint=str(folder))
+    rec = train_generalist(GeneralistConfig(**base), tmp_path / "ck", bundle=gray, progress=False)
+    assert rec.in_chans == 1 and rec.input_size == 24 and rec.n_classes == 12
+    assert rec.mean == pytest.approx([0.4]) and rec.std == pytest.approx([0.2])
+    rec = train_generalist(
+        GeneralistConfig(**base, normalize="data", input_size=16),
+        tmp_path / "own",
+        bundle=gray,
+        progress=False,
+    )
+    assert rec.input_size == 16 and rec.mean != pytest.approx([0.4])

@@ -153,7 +153,7 @@ def test_bad_specialist_settings_are_one_line_and_status_2(family_run, tmp_path,
     fails(["--specialist-model", "resnet_nope"], "unknown timm model 'resnet_nope'")
     other = tmp_path / "other.safetensors"
     save_tensors(other, create_model("resnet10t", 6, 3).state_dict())
-    fails(["--specialist-checkpoint", str(other)], "(another architecture?)")
+    fails(["--specialist-checkpoint", str(other)], "does not match test_efficientnet")
     config = tmp_path / "s.yaml"
     config.write_text("groups:\n  5:\n    input_size: 32\n")
     fails(["--config", str(config)], "groups: 5: no such group (the run has groups 0..1)")

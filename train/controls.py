@@ -34,9 +34,8 @@ from specialists.data import DataSource
 from specialists.ensemble import Ensemble
 from specialists.evaluate import ensemble_metrics, evaluate_run, paired_speed
 from specialists.models import (
-    apply_checkpoint,
     create_model,
-    load_checkpoint_weights,
+    model_from_checkpoint,
     predict_proba,
     resolve_device,
 )
@@ -98,10 +97,13 @@ def fine_tune(
         eval_tf = BatchTransform(grec.mean, grec.std, size)
     if arch is not None and arch != grec.architecture:
         torch.manual_seed(seed)
-        model = create_model(arch, grec.n_classes, grec.in_chans, size)
         if ckpt is not None:  # as the specialists started
             path = str(Path(ckpt).expanduser())
-            apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
+            model = model_from_checkpoint(
+                arch, grec.n_classes, grec.in_chans, size, path, reset_head=True
+            )
+        else:
+            model = create_model(arch, grec.n_classes, grec.in_chans, size)
         model.to(ctx.device)
     images_t, labels_t = torch.from_numpy(np.array(ctx.train_images)), torch.from_numpy(labels)
     torch.manual_seed(seed)

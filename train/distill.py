@@ -38,9 +38,8 @@ from specialists.artifacts import generalist_record, load_specialists
 from specialists.ensemble import Ensemble
 from specialists.errors import SpecialistsError
 from specialists.models import (
-    apply_checkpoint,
     create_model,
-    load_checkpoint_weights,
+    model_from_checkpoint,
     predict_proba,
 )
 from specialists.records import GeneralistRecord, StudentRecord
@@ -191,8 +190,7 @@ def _check_student(cfg: DistillConfig, grec: GeneralistRecord) -> None:
             "(use --init random or a checkpoint of the student's architecture)"
         )
     if init not in ("generalist", "random"):
-        model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
-        apply_checkpoint(model, load_checkpoint_weights(init), init)
+        model_from_checkpoint(arch, grec.n_classes, grec.in_chans, grec.input_size, init)
 
 
 def _cache_transfer(
@@ -326,9 +324,10 @@ def _student_model(ctx: JobContext, cfg: DistillConfig) -> nn.Module:
         model.load_state_dict(ctx.generalist.state_dict())
         return model.to(ctx.device)
     torch.manual_seed(cfg.seed)
-    model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
     if init != "random":
-        apply_checkpoint(model, load_checkpoint_weights(init), init)
+        model = model_from_checkpoint(arch, grec.n_classes, grec.in_chans, grec.input_size, init)
+    else:
+        model = create_model(arch, grec.n_classes, grec.in_chans, grec.input_size)
     return model.to(ctx.device)
 
 

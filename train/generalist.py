@@ -19,9 +19,9 @@ from specialists.config import write_config
 from specialists.data import DataBundle, accuracy_gap_warning, split_warning
 from specialists.errors import SpecialistsError
 from specialists.models import (
-    apply_checkpoint,
+    checkpoint_config,
     create_model,
-    load_checkpoint_weights,
+    model_from_checkpoint,
     predict_proba,
     resolve_device,
     set_cpu_threads,
@@ -80,6 +80,7 @@ class GeneralistConfig:
     threads: int | None = None
     checkpoint: str | None = None
     reset_head: bool = False
+    normalize: str = "auto"  # auto: the checkpoint's mean and std when it carries them, else data
     eval_batch_size: int = 512
 
     def __post_init__(self) -> None:
@@ -88,10 +89,32 @@ class GeneralistConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.normalize not in ("auto", "data", "checkpoint"):
+            raise ValueError(f"normalize must be auto, data or checkpoint, got {self.normalize!r}")
+        if self.normalize == "checkpoint" and not self.checkpoint:
+            raise ValueError("normalize checkpoint needs a checkpoint")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def _normalization(cfg: GeneralistConfig, ck: dict, bundle: DataBundle) -> tuple[list, list]:
+    """Mean and std per channel: the checkpoint's (its config.json) when it has them and
+    ``cfg.normalize`` allows, else the data's; averaged or repeated to the data's channels."""
+    if cfg.normalize == "checkpoint" and "mean" not in ck:
+        raise SpecialistsError(
+            f"{cfg.checkpoint}: --normalize checkpoint, but no config.json with a mean and std "
+            "beside it"
+        )
+    if cfg.normalize == "data" or "mean" not in ck:
+        return bundle.mean_std()
+    c = bundle.channels
+    mean, std = ck["mean"], ck["std"]
+    if len(mean) != c:  # RGB statistics for gray data (timm sums the first convolution)
+        mean, std = [float(np.mean(mean))] * c, [float(np.mean(std))] * c
+    log.info("normalising with the checkpoint's mean %s and std %s", mean, std)
+    return list(mean), list(std)
 
 
 def train_generalist(
@@ -118,27 +141,37 @@ def train_generalist(
         create_model(
             cfg.model, 2
         )  # raises the clear "unknown timm model" error before loading data
+    ck = checkpoint_config(cfg.checkpoint) if cfg.checkpoint else {}
     source = parse_source(
-        cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, image_size=cfg.input_size
+        cfg.data,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        image_size=cfg.input_size or ck.get("input_size"),
     )
     if bundle is None:
         bundle = load_data(source)
-    input_size = cfg.input_size or bundle.image_size
+    input_size = cfg.input_size or ck.get("input_size") or bundle.image_size
     hflip = bundle.hflip if cfg.hflip is None else cfg.hflip
     device = resolve_device(cfg.device)
     threads = set_cpu_threads(cfg.threads) if device.type == "cpu" else None
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, bundle.n_classes, bundle.channels, input_size)
     if cfg.checkpoint:
-        apply_checkpoint(
-            model, load_checkpoint_weights(cfg.checkpoint), cfg.checkpoint, cfg.reset_head
+        model = model_from_checkpoint(
+            cfg.model,
+            bundle.n_classes,
+            bundle.channels,
+            input_size,
+            cfg.checkpoint,
+            reset_head=cfg.reset_head,
         )
+    else:
+        model = create_model(cfg.model, bundle.n_classes, bundle.channels, input_size)
     model.to(device)
 
     warnings = [w for w in [split_warning(bundle)] if w]
     for w in warnings:
         log.warning(w)
-    mean, std = bundle.mean_std()
+    mean, std = _normalization(cfg, ck, bundle)
     train_tf = BatchTransform(mean, std, input_size, augment=cfg.augment, hflip=hflip)
     eval_tf = BatchTransform(mean, std, input_size)
     images = torch.from_numpy(bundle.train.images)

@@ -23,10 +23,9 @@ from specialists.artifacts import generalist_record
 from specialists.dustbin import build_specialist, group_hash, prior_offsets, project_to_group
 from specialists.errors import SpecialistsError
 from specialists.models import (
-    apply_checkpoint,
     create_model,
     get_classifier,
-    load_checkpoint_weights,
+    model_from_checkpoint,
     predict_proba,
 )
 from specialists.records import GeneralistRecord, SpecialistRecord
@@ -234,8 +233,7 @@ def check_member(
         )
     if ckpt is not None and load_checkpoint:  # a bad file stops before any job starts
         path = str(Path(ckpt).expanduser())
-        model = create_model(arch, 2, grec.in_chans, size)
-        apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
+        model_from_checkpoint(arch, 2, grec.in_chans, size, path, reset_head=True)
 
 
 def _specialist_model(
@@ -264,10 +262,12 @@ def _specialist_model(
                 f"({arch}{' from ' + str(ckpt) if ckpt else ''} has none of them)"
             )
         torch.manual_seed(cfg.seed + index)
-        model = create_model(arch, len(classes) + 1, grec.in_chans, size)
+        n_out = len(classes) + 1
         if ckpt is not None:
             path = str(Path(ckpt).expanduser())
-            apply_checkpoint(model, load_checkpoint_weights(path), path, reset_head=True)
+            model = model_from_checkpoint(arch, n_out, grec.in_chans, size, path, reset_head=True)
+        else:
+            model = create_model(arch, n_out, grec.in_chans, size)
     if size != grec.input_size:
         device = next(generalist.parameters()).device
         probe = torch.zeros(2, grec.in_chans, size, size, device=device)
