@@ -4,12 +4,13 @@
     python benchmarks/real_data.py configs/omniglot.yaml --seeds 0 1 2 --controls
     python benchmarks/real_data.py configs/omniglot.yaml --seeds 0 1 2 --distill
 
-The config names the dataset and the settings of each stage (``generalist``, ``cluster``,
+The config names the data source and the settings of each stage (``generalist``, ``cluster``,
 ``specialists``, ``distill``); every stage left out uses the framework's defaults. ``--distill``
 adds the ensemble's student and the self-distilled generalist, and a second table. Each seed gets its own run
 directory under ``--out`` (default ``runs/<config name>``); a stage whose output is already
-complete is skipped, so an interrupted benchmark resumes where it stopped. The data are read from
-``--data-root`` (default ``../shared/data``); nothing is downloaded.
+complete is skipped, so an interrupted benchmark resumes where it stopped. The config is an
+experiment file, as ``specialists run`` reads (its data paths relative to the repository root,
+where this runs); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from specialists.artifacts import generalist_record  # noqa: E402
-from specialists.config import load_config_file  # noqa: E402
+from specialists.config import SECTIONS, load_config_file  # noqa: E402
 from specialists.errors import SpecialistsError  # noqa: E402
 from specialists.evaluate import evaluate_run  # noqa: E402
 from specialists.grouping import ClusterConfig, cluster_run  # noqa: E402
@@ -42,17 +43,14 @@ log = logging.getLogger("benchmarks.real_data")
 
 
 def load_experiment(path: Path) -> dict:
-    cfg = load_config_file(path)
-    unknown = set(cfg) - {"dataset", "generalist", "cluster", "specialists", "distill"}
-    if unknown or "dataset" not in cfg:
-        raise SpecialistsError(
-            f"{path}: expected keys dataset, generalist, cluster, specialists, distill"
-            + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
-        )
+    """The sections of an experiment file (the format of ``specialists run``), as mappings."""
+    cfg = {s: load_config_file(path, s) for s in SECTIONS}
+    if "data" not in cfg["generalist"]:
+        raise SpecialistsError(f"{path}: no data source (a top-level `data:` key)")
     return cfg
 
 
-def run_seed(cfg: dict, seed: int, out: Path, data_root: Path, workers: int | None) -> dict:
+def run_seed(cfg: dict, seed: int, out: Path, workers: int | None) -> dict:
     """generalist -> clusters -> specialists (+ calibration) -> test metrics, for one seed."""
     run = RunDir.of(out)
     stages = {}
@@ -61,7 +59,6 @@ def run_seed(cfg: dict, seed: int, out: Path, data_root: Path, workers: int | No
         gcfg = GeneralistConfig(
             **{
                 **cfg.get("generalist", {}),
-                "data": f"{cfg['dataset']}:{data_root / cfg['dataset']}",
                 "seed": seed,
             }
         )
@@ -190,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, help="default runs/<config name>")
-    p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--workers", type=int, help="parallel specialist workers (default: automatic)")
     p.add_argument("--controls", action="store_true", help="also train and score the controls")
     p.add_argument(
@@ -207,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for seed in args.seeds:
             log.info("=== %s, seed %d ===", args.config.stem, seed)
-            m = run_seed(cfg, seed, out / f"seed{seed}", args.data_root, args.workers)
+            m = run_seed(cfg, seed, out / f"seed{seed}", args.workers)
             if args.controls:
                 from specialists.train.controls import evaluate_controls, run_controls
 

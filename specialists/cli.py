@@ -46,7 +46,9 @@ def _generalist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="timm model name (default test_efficientnet)")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument(
-        "--config", help="YAML file with any of the options below (command-line flags win)"
+        "--config",
+        help="YAML file: any of the options below, or an experiment file (its section for this "
+        "step); flags win",
     )
     p.add_argument(
         "--checkpoint",
@@ -98,12 +100,11 @@ def _generalist_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generalist(args: argparse.Namespace) -> int:
-    from .config import load_config_file, merge_config
-    from .train.generalist import GeneralistConfig, train_generalist
+    from .train.generalist import train_generalist
 
-    file_values = load_config_file(args.config) if args.config else {}
-    overrides = {k: getattr(args, k, None) for k in GeneralistConfig.__dataclass_fields__}
-    cfg = merge_config(GeneralistConfig, file_values, overrides, args.config or "command line")
+    cfg = _step_config(args, "generalist")
+    if args.print_config:
+        return _print_config(cfg)
     record = train_generalist(cfg, args.out, progress=not args.quiet, force=args.force)
     m = record.metrics
     print(
@@ -121,7 +122,9 @@ def _generalist(args: argparse.Namespace) -> int:
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with a trained generalist")
     p.add_argument(
-        "--config", help="YAML file with any of the options below (command-line flags win)"
+        "--config",
+        help="YAML file: any of the options below, or an experiment file (its section for this "
+        "step); flags win",
     )
     p.add_argument(
         "--matrix",
@@ -161,12 +164,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from .config import load_config_file, merge_config
-    from .grouping import ClusterConfig, cluster_run, summarize_clusters
+    from .grouping import cluster_run, summarize_clusters
 
-    file_values = load_config_file(args.config) if args.config else {}
-    overrides = {k: getattr(args, k, None) for k in ClusterConfig.__dataclass_fields__}
-    cfg = merge_config(ClusterConfig, file_values, overrides, args.config or "command line")
+    cfg = _step_config(args, "cluster")
+    if args.print_config:
+        return _print_config(cfg)
     report = cluster_run(args.run, cfg)
     print(summarize_clusters(report))
     run = RunDir.of(args.run)
@@ -200,7 +202,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _launcher_args(p)
     p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3,7")
     p.add_argument(
-        "--config", help="YAML file with any of the options below (command-line flags win)"
+        "--config",
+        help="YAML file: any of the options below, or an experiment file (its section for this "
+        "step); flags win",
     )
     p.add_argument(
         "--epochs",
@@ -269,13 +273,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config_file, merge_config
     from .train.pipeline import train_specialists
-    from .train.specialist import SpecialistConfig
 
-    file_values = load_config_file(args.config) if args.config else {}
-    overrides = {k: getattr(args, k, None) for k in SpecialistConfig.__dataclass_fields__}
-    cfg = merge_config(SpecialistConfig, file_values, overrides, args.config or "command line")
+    cfg = _step_config(args, "train")
+    if args.print_config:
+        return _print_config(cfg)
     only = None
     if args.only:
         try:
@@ -525,7 +527,9 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory with a calibrated ensemble")
     _launcher_args(p)
     p.add_argument(
-        "--config", help="YAML file with any of the options below (command-line flags win)"
+        "--config",
+        help="YAML file: any of the options below, or an experiment file (its section for this "
+        "step); flags win",
     )
     p.add_argument("--model", help="the student's timm model (default: the generalist's)")
     p.add_argument(
@@ -568,12 +572,11 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .config import load_config_file, merge_config
-    from .train.distill import DistillConfig, run_distill
+    from .train.distill import run_distill
 
-    file_values = load_config_file(args.config) if args.config else {}
-    overrides = {k: getattr(args, k, None) for k in DistillConfig.__dataclass_fields__}
-    cfg = merge_config(DistillConfig, file_values, overrides, args.config or "command line")
+    cfg = _step_config(args, "distill")
+    if args.print_config:
+        return _print_config(cfg)
     results = run_distill(
         args.run,
         cfg,
@@ -747,6 +750,147 @@ def _calibrate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# run: the whole pipeline from one experiment file
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        metavar="CONFIG",
+        help="experiment file: `data` and the sections generalist, cluster, specialists, "
+        "distill (each optional; distill runs only when present)",
+    )
+    p.add_argument("--out", required=True, help="run directory (rerun to resume)")
+    _launcher_args(p)
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every step's configuration (YAML, with the defaults), and stop",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import yaml
+
+    from .config import is_experiment, load_config_file, merge_config
+    from .evaluate import evaluate_run, format_metrics
+    from .grouping import cluster_run, summarize_clusters
+    from .train.distill import run_distill
+    from .train.generalist import train_generalist
+    from .train.pipeline import train_specialists
+
+    raw = load_config_file(args.config)
+    if not is_experiment(raw):
+        raise SpecialistsError(
+            f"{args.config}: not an experiment file (expected sections among {', '.join(CONFIGS)})"
+        )
+    cfgs = {}
+    for command, (section, _, _) in CONFIGS.items():
+        values = load_config_file(args.config, section)
+        cfgs[command] = merge_config(
+            _config_class(command), values, {}, f"{args.config} ({section})"
+        )
+    if args.print_config:
+        doc = {CONFIGS[c][0]: asdict(cfg) for c, cfg in cfgs.items()}
+        if "distill" not in raw:
+            del doc["distill"]
+        print(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), end="")
+        return 0
+    if args.workers is not None and args.workers < 1:
+        raise SpecialistsError(f"--workers {args.workers}: must be >= 1")
+    run = RunDir.of(args.out)
+    launcher = dict(
+        workers=args.workers,
+        backend=args.backend,
+        device=args.device,
+        ray_address=args.ray_address,
+        progress=not args.quiet,
+    )
+    gcfg = cfgs["generalist"]
+    if run.generalist_record.is_file():
+        done = load_config_file(run.config) if run.config.is_file() else {}
+        changed = sorted(k for k, v in asdict(gcfg).items() if k in done and done[k] != v)
+        if changed:
+            k = changed[0]
+            raise SpecialistsError(
+                f"{run.root}: its generalist was trained with {k}={done[k]!r}, the experiment "
+                f"says {asdict(gcfg)[k]!r}; use another --out (or `specialists generalist --force`)"
+            )
+        print(f"1/5 generalist: already trained in {run.root}")
+    else:
+        record = train_generalist(gcfg, run.root, progress=not args.quiet)
+        m = record.metrics
+        print(
+            f"1/5 generalist {record.architecture}: test accuracy "
+            f"{100 * m['test_accuracy']:.2f}% (best epoch {m['best_epoch']} of {m['epochs_run']})"
+        )
+    report = cluster_run(run.root, cfgs["cluster"])
+    print("2/5 " + summarize_clusters(report).splitlines()[0])
+    results = train_specialists(run.root, cfgs["train"], **launcher)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        for r in failed:
+            print(f"  specialist {r.job.out}: FAILED: {r.error}", file=sys.stderr)
+        print("rerun the same command to resume the failed ones", file=sys.stderr)
+        return 1
+    print(f"3/5 specialists: {len(results)} ready")
+    if "distill" in raw:
+        results = run_distill(run.root, cfgs["distill"], **launcher)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            for r in failed:
+                print(f"  student {r.job.out}: FAILED: {r.error}", file=sys.stderr)
+            return 1
+        print(f"4/5 distilled: {results[0].record.describe()}")
+    else:
+        print("4/5 distillation: not asked for (no distill section)")
+    metrics = evaluate_run(run.root, device=args.device)
+    print("5/5 evaluation on the test split")
+    print(format_metrics(metrics))
+    print(f"written to {run.metrics}; the run directory is {run.root}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration: flags derived from the dataclasses
+
+# command -> (its section in an experiment file, module, configuration class)
+CONFIGS = {
+    "generalist": ("generalist", "specialists.train.generalist", "GeneralistConfig"),
+    "cluster": ("cluster", "specialists.grouping", "ClusterConfig"),
+    "train": ("specialists", "specialists.train.specialist", "SpecialistConfig"),
+    "distill": ("distill", "specialists.train.distill", "DistillConfig"),
+}
+
+
+def _config_class(command: str) -> type:
+    import importlib
+
+    _, module, name = CONFIGS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def _step_config(args: argparse.Namespace, command: str):
+    """The step's configuration: defaults < the config file (its section) < the flags given."""
+    from .config import load_config_file, merge_config
+
+    cls = _config_class(command)
+    section = CONFIGS[command][0]
+    file_values = load_config_file(args.config, section) if args.config else {}
+    overrides = {k: getattr(args, k, None) for k in cls.__dataclass_fields__}
+    return merge_config(cls, file_values, overrides, args.config or "command line")
+
+
+def _print_config(cfg) -> int:
+    from .config import config_yaml
+
+    print(config_yaml(cfg), end="")
+    return 0
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
@@ -775,12 +919,16 @@ COMMANDS: dict[
         _distill,
     ),
     "export": ("write a self-contained ensemble folder (and ONNX)", _export_args, _export),
+    "run": ("the whole pipeline from one experiment file", _run_args, _run),
     "demo": ("run the whole pipeline on the embedded data", _demo_args, _demo),
     "data": ("describe a data source and draw a grid of samples", _data_args, _data),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config_flags: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; the commands in ``config_flags`` (default: all) get a flag for every field
+    of their configuration class, which imports the training modules (torch), so ``main``
+    asks only for the command it runs."""
     parser = argparse.ArgumentParser(
         prog="specialists",
         description="Specialist-ensemble image classification: generalist -> confusion clusters -> "
@@ -791,13 +939,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         add_arguments(p)
+        if name in CONFIGS:
+            p.add_argument(
+                "--print-config",
+                action="store_true",
+                help="print the configuration these flags and files make (YAML), and stop",
+            )
+            if config_flags is None or name in config_flags:
+                from .config import add_config_flags
+
+                add_config_flags(p, _config_class(name))
         _common(p)
         p.set_defaults(_handler=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(config_flags=[a for a in argv if a in CONFIGS][:1])
     args = parser.parse_args(argv)
     if not getattr(args, "_handler", None):
         parser.print_help()

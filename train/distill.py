@@ -92,13 +92,13 @@ class DistillConfig:
     alpha: float = 0.9  # weight of the soft term; 1 - alpha on the hard labels
     epochs: int = 50
     batch_size: int = 128
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05  # decoupled (AdamW) or L2 (SGD)
+    warmup_epochs: float = 1.0  # linear warm-up, then a cosine schedule to zero
     transfer: str | None = None  # a data source or a folder of images, used without labels
     seed: int = 0
-    amp: str = "auto"
+    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:

@@ -63,25 +63,25 @@ class GeneralistConfig:
     data: str = "embedded"
     epochs: int = 10  # short, for a first run; raise it for a real baseline
     batch_size: int = 128
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05  # decoupled (AdamW) or L2 (SGD)
+    momentum: float = 0.9  # SGD only
+    warmup_epochs: float = 1.0  # linear warm-up, then a cosine schedule to zero
     label_smoothing: float = 0.0
     patience: int = 4  # early stopping: epochs without a better validation accuracy
     input_size: int | None = None  # default: the data's native size
     val_fraction: float = 0.1
-    augment: bool = True
+    augment: bool = True  # random crops with padding (and flips where the data allows)
     hflip: bool | None = None  # default: what the data source says makes sense
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"
+    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off
     threads: int | None = None
     checkpoint: str | None = None
     reset_head: bool = False
     normalize: str = "auto"  # auto: the checkpoint's mean and std when it carries them, else data
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # batch size when predicting
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):

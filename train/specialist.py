@@ -62,16 +62,16 @@ class SpecialistConfig:
     # but at least `min_steps_per_epoch` batches, so a small group still gets enough updates
     # between validations for early stopping to choose from.
     examples_per_epoch: int | None = None
-    min_steps_per_epoch: int = 25
+    min_steps_per_epoch: int = 25  # an epoch is at least this many batches
     # Stop after `patience` epochs without a better validation score. Off by default: stopping
     # while the cosine schedule's learning rate is still high leaves the specialist unsettled
     # (docs/results.md); the best epoch is kept either way.
     patience: int | None = None
     batch_size: int = 128
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
+    weight_decay: float = 0.05  # decoupled (AdamW) or L2 (SGD)
+    warmup_epochs: float = 0.5  # linear warm-up, then a cosine schedule to zero
     # weight a of the generalist's soft targets; off by default, like the random head below
     # (docs/design.md, "Findings that set the defaults")
     soft_weight: float = 0.0
@@ -80,7 +80,7 @@ class SpecialistConfig:
     head_init: str = "random"  # random | copy
     correction: str = "gated"  # gated | natural | none
     seed: int = 0
-    amp: str = "auto"
+    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 where supported) | bf16 | fp16 | off
     # What a specialist is (default: the generalist's architecture at the generalist's input
     # size). One of the generalist's architecture starts from its weights at any input size;
     # another starts fresh, or from `checkpoint` (local weights; the head is always new).
