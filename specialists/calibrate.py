@@ -51,12 +51,12 @@ from . import manifest
 from .combination import CORRECTIONS, Combination, specialist_offsets
 from .combiner import combine
 from .data import ArraySplit, DataSource
+from .datasets import load_run_data
 from .ensemble import Ensemble
 from .errors import SpecialistsError
 from .gating import GroupIndex, gate
 from .records import SpecialistRecord
 from .run import RunDir
-from .sources import load_data
 from .storage import save_json
 
 __all__ = [
@@ -410,7 +410,7 @@ def calibrate_run(
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, variant=variant, combination=Combination())
     source = DataSource.from_dict(ens.record.data)
-    val = load_data(source, min_size=ens.data_size).split("val")
+    val = load_run_data(run, ens.record, min_size=ens.data_size).split("val")
     val = ArraySplit(ens.fit_images(val.images), val.labels)
     if len(val) < 2:
         raise SpecialistsError(f"{run.root}: too few validation examples to calibrate on")

@@ -46,6 +46,8 @@ class DataSource:
         return cls(**d)
 
     def describe(self) -> str:
+        if self.kind == "dataset":
+            return f"dataset:{self.options.get('name', 'python')}"
         if self.kind == "embedded":
             opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
             return "embedded" + (f":{opts}" if opts else "")

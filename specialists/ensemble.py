@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -260,7 +261,9 @@ class Ensemble(nn.Module):
         """``images`` as a uint8 (N, H, W, C) tensor with H and W at least the largest input size
         of the ensemble's models (each resizes from them to its own), or a clear error."""
         r = self.record
-        x = torch.as_tensor(images)
+        with warnings.catch_warnings():  # read-only (memory-mapped) arrays: never written to
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.as_tensor(images)
         if x.ndim != 4 or x.shape[-1] != r.in_chans or x.dtype != torch.uint8:
             raise SpecialistsError(
                 f"expected uint8 images of shape (N, H, W, {r.in_chans}), got {x.dtype} {tuple(x.shape)}"

@@ -11,6 +11,7 @@ import numpy as np
 from . import manifest
 from .artifacts import load_student
 from .data import DataSource
+from .datasets import load_run_data
 from .ensemble import Ensemble
 from .errors import SpecialistsError
 from .models import predict_proba
@@ -382,14 +383,14 @@ def evaluate_run(
     """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``."""
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size)
-    source = (
-        parse_source(
+    if data:
+        source = parse_source(
             data, seed=ens.record.data["seed"], image_size=ens.data_size or ens.record.input_size
         )
-        if data
-        else DataSource.from_dict(ens.record.data)
-    )
-    bundle = load_data(source, min_size=ens.data_size)
+        bundle = load_data(source, min_size=ens.data_size)
+    else:  # the generalist's own data (from the run's cache when given in Python)
+        source = DataSource.from_dict(ens.record.data)
+        bundle = load_run_data(run, ens.record, min_size=ens.data_size)
     if bundle.class_names != ens.record.class_names:
         raise SpecialistsError(
             f"{source.describe()}: its classes differ from the run's generalist ({bundle.n_classes} vs {ens.record.n_classes})"

@@ -204,6 +204,11 @@ def load_data(source: DataSource | str, *, min_size: int | None = None) -> DataB
     if min_size is not None and source.kind in SOURCES and min_size > stored_size(source):
         source = source_at(source, min_size)
     loader = SOURCES.get(source.kind)
+    if source.kind == "dataset":
+        raise SpecialistsError(
+            f"{source.describe()}: data given in Python cannot be read again; read a run's copy "
+            "with specialists.datasets.load_run_data"
+        )
     if loader is None:
         raise SpecialistsError(
             f"unknown data source kind {source.kind!r}; known: {', '.join(SOURCES)}"

@@ -21,11 +21,11 @@ from torch import nn
 from specialists._version import software_versions
 from specialists.artifacts import load_generalist
 from specialists.data import DataBundle, DataSource
+from specialists.datasets import load_run_data
 from specialists.errors import SpecialistsError
 from specialists.models import resolve_device, set_cpu_threads
 from specialists.records import GeneralistRecord, Record
 from specialists.run import ArtifactPaths, RunDir
-from specialists.sources import load_data
 from specialists.storage import file_sha256, load_npy, save_json, save_npy, save_tensors
 from specialists.transforms import BatchTransform, make_transforms
 
@@ -44,10 +44,13 @@ R = TypeVar("R", bound=Record)
 log = logging.getLogger(__name__)
 
 
-def cache_data(run: RunDir, bundle: DataBundle, size: int | None = None) -> None:
+def cache_data(
+    run: RunDir, bundle: DataBundle, size: int | None = None, splits=("train", "val")
+) -> None:
     """Write the train and val arrays once, so parallel jobs memory-map them instead of reloading
-    (``size``: the arrays made at that size for specialists with their own input size)."""
-    for split in ("train", "val"):
+    (``size``: the arrays made at that size for specialists with their own input size; data
+    given in Python also keep their test split here, for nothing else can read them again)."""
+    for split in splits:
         s = bundle.split(split)
         if not run.cache_labels(split, size).is_file():
             save_npy(run.cache_images(split, size), s.images)
@@ -68,13 +71,13 @@ def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int | None] =
     source = DataSource.from_dict(record.data)
     if not run.cache_labels("val").is_file():
         log.info("caching the data arrays for the workers")
-        cache_data(run, load_data(source))
+        cache_data(run, load_run_data(run, record))
     base = base_size(run)
     for size in sorted({int(s) for s in sizes if own_size(s, record) and s > base}):
         if run.cache_labels("val", size).is_file():
             continue
         log.info("making the data at %d px from the originals", size)
-        bundle = load_data(source, min_size=size)
+        bundle = load_run_data(run, record, min_size=size)
         for split in ("train", "val"):
             if not np.array_equal(bundle.split(split).labels, load_npy(run.cache_labels(split))):
                 raise SpecialistsError(

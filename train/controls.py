@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from specialists.artifacts import generalist_record, load_checked, load_groups, load_weights
 from specialists.calibrate import calibrate_run
-from specialists.data import DataSource
+from specialists.datasets import load_run_data
 from specialists.ensemble import Ensemble
 from specialists.evaluate import ensemble_metrics, evaluate_run, paired_speed
 from specialists.models import (
@@ -41,7 +41,6 @@ from specialists.models import (
 )
 from specialists.records import FinetuneRecord, GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
-from specialists.sources import load_data
 from specialists.storage import load_json, save_json
 from specialists.transforms import BatchTransform
 
@@ -360,8 +359,8 @@ def evaluate_controls(
     if large.is_file():
         sizes.append(load_json(large).get("input_size") or grec.input_size)
     size = max([grec.input_size, *sizes])
-    part = load_data(
-        DataSource.from_dict(grec.data), min_size=size if size > grec.input_size else None
+    part = load_run_data(
+        RunDir.of(run.root), grec, min_size=size if size > grec.input_size else None
     ).test
     part.images = ens.fit_images(part.images)
     p_g = ens.generalist_proba(part.images)  # the controls only need the generalist's view

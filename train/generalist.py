@@ -17,6 +17,7 @@ from specialists import manifest
 from specialists._version import software_versions
 from specialists.config import write_config
 from specialists.data import DataBundle, accuracy_gap_warning, split_warning
+from specialists.datasets import DATASET
 from specialists.errors import SpecialistsError
 from specialists.models import (
     checkpoint_config,
@@ -40,6 +41,7 @@ from specialists.storage import (
 from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
+from ._job import cache_data
 from ._state import checkpoint, resume
 from .loop import (
     build_optimizer,
@@ -150,6 +152,8 @@ def train_generalist(
     )
     if bundle is None:
         bundle = load_data(source)
+    else:  # data given in Python: the run records (and, for datasets, caches) what it was given
+        source = bundle.source
     input_size = cfg.input_size or ck.get("input_size") or bundle.image_size
     hflip = bundle.hflip if cfg.hflip is None else cfg.hflip
     device = resolve_device(cfg.device)
@@ -187,6 +191,10 @@ def train_generalist(
 
     run.generalist_dir.mkdir(parents=True, exist_ok=True)
     write_config(run.config, cfg)
+    # the cached arrays are this generalist's data: a retrained one (--force) gets its own
+    shutil.rmtree(run.root / "cache", ignore_errors=True)
+    if source.kind == DATASET:  # nothing else can read data given in Python again
+        cache_data(run, bundle, splits=("train", "val", "test"))
     state = resume(run.resume_dir, asdict(cfg), model, optimizer, scheduler)
     if state.epoch:
         log.warning("resuming %s from epoch %d", run.root, state.epoch)
