@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .combination import Combination
     from .combiner import combine, objective, solve_em
     from .data import ArraySplit, DataBundle, DataSource
+    from .datasets import bundle_from_datasets, load_run_data
     from .ensemble import Ensemble, EnsembleOutput
     from .errors import SpecialistsError
     from .evaluate import evaluate_run
@@ -50,6 +51,7 @@ _EXPORTS = {
     **dict.fromkeys(["Combination"], "combination"),
     **dict.fromkeys(["combine", "objective", "solve_em"], "combiner"),
     **dict.fromkeys(["ArraySplit", "DataBundle", "DataSource"], "data"),
+    **dict.fromkeys(["bundle_from_datasets", "load_run_data"], "datasets"),
     **dict.fromkeys(["Ensemble", "EnsembleOutput"], "ensemble"),
     **dict.fromkeys(["SpecialistsError"], "errors"),
     **dict.fromkeys(["evaluate_run"], "evaluate"),
@@ -93,6 +95,7 @@ __all__ = [
     "SpecialistConfig",
     "SpecialistRecord",
     "SpecialistsError",
+    "bundle_from_datasets",
     "calibrate_run",
     "cluster_run",
     "combine",
@@ -101,6 +104,7 @@ __all__ = [
     "gate",
     "load_data",
     "load_generalist",
+    "load_run_data",
     "load_student",
     "objective",
     "parse_source",
