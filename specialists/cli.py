@@ -404,6 +404,7 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
         size, channels, names = ens.input_size, ens.record.in_chans, ens.record.class_names
+        data = ens.record.data
 
         def predict(images):
             out = ens.run_batch(images)
@@ -421,6 +422,7 @@ def _predict(args: argparse.Namespace) -> int:
             model, grec = load_generalist(run, device)
             transform = make_transforms(grec)[1]
         size, channels, names = grec.input_size, grec.in_chans, grec.class_names
+        data = grec.data
 
         def predict(images):
             probs = predict_proba(model, images, transform=transform, device=device)
@@ -432,6 +434,11 @@ def _predict(args: argparse.Namespace) -> int:
         size=size,
         channels=channels,
         class_names=names,
+        # as the training images were: an image folder's own mode (runs from before the option
+        # squashed); other sources were square already, and a photo keeps its aspect ratio
+        resize=(data.get("options") or {}).get(
+            "resize", "squash" if data.get("kind") == "folder" else "crop"
+        ),
         top_k=args.top_k,
         batch_size=args.batch_size,
         output=args.output,

@@ -105,10 +105,17 @@ class DataBundle:
         """Per-channel mean and std of the training images in [0, 1] (a seeded sample)."""
         imgs = self.train.images
         rng = np.random.default_rng(0)
-        sample = imgs[rng.choice(len(imgs), size=min(len(imgs), 5000), replace=False)]
-        x = sample.reshape(-1, imgs.shape[-1]).astype(np.float64) / 255.0
-        std = np.maximum(x.std(0), 1e-3)
-        return x.mean(0).round(6).tolist(), std.round(6).tolist()
+        pick = rng.choice(len(imgs), size=min(len(imgs), 5000), replace=False)
+        c = imgs.shape[-1]
+        total, total_sq, count = np.zeros(c), np.zeros(c), 0
+        for start in range(0, len(pick), 256):  # in chunks: 5,000 images at 224 px are 6 GB
+            x = imgs[np.sort(pick[start : start + 256])].reshape(-1, c).astype(np.float64) / 255.0
+            total += x.sum(0)
+            total_sq += (x * x).sum(0)
+            count += len(x)
+        mean = total / count
+        std = np.maximum(np.sqrt(np.maximum(total_sq / count - mean * mean, 0)), 1e-3)
+        return mean.round(6).tolist(), std.round(6).tolist()
 
 
 def stratified_split(
@@ -149,9 +156,10 @@ def group_split(
     return np.sort(keep), np.sort(carved)
 
 
-def carve_val(train: ArraySplit, source: DataSource) -> tuple[ArraySplit, ArraySplit]:
+def carve_val(train: ArraySplit, source: DataSource, *, indices: bool = False):
     """The validation split carved from training: stratified by class and seeded, or, when the
-    images have groups (``train.groups``), with every group wholly on one side."""
+    images have groups (``train.groups``), with every group wholly on one side. With
+    ``indices``, the (keep, val) index arrays instead of the two splits."""
     if train.groups is not None:
         keep, val = group_split(train.labels, train.groups, source.val_fraction, source.seed)
     else:
@@ -161,6 +169,8 @@ def carve_val(train: ArraySplit, source: DataSource) -> tuple[ArraySplit, ArrayS
             f"{source.describe()}: too few training images{' groups' if train.groups is not None else ''} "
             "to carve a validation split"
         )
+    if indices:
+        return keep, val
     return train.subset(keep), train.subset(val)
 
 

@@ -59,21 +59,26 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _decode(path: Path, size: int, channels: int) -> np.ndarray | str:
+def _decode(path: Path, size: int, channels: int, resize: str) -> np.ndarray | str:
     try:
-        return read_image(path, size, channels)
+        return read_image(path, size, channels, resize)
     except SpecialistsError as e:
         return str(e).removeprefix(f"{path}: ")
 
 
 def _batches(
-    files: list[Path], size: int, channels: int, batch_size: int, pool: ThreadPoolExecutor
+    files: list[Path],
+    size: int,
+    channels: int,
+    resize: str,
+    batch_size: int,
+    pool: ThreadPoolExecutor,
 ) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Decoded batches in order, the next one decoding while the caller uses this one."""
 
     def submit(start: int) -> list[Future]:
         chunk = files[start : start + batch_size]
-        return [pool.submit(_decode, f, size, channels) for f in chunk]
+        return [pool.submit(_decode, f, size, channels, resize) for f in chunk]
 
     pending = submit(0) if files else []
     for start in range(0, len(files), batch_size):
@@ -89,6 +94,7 @@ def predict_files(
     size: int,
     channels: int,
     class_names: list[str],
+    resize: str = "crop",
     top_k: int = 5,
     batch_size: int = 256,
     output: str | os.PathLike | None = None,
@@ -98,7 +104,8 @@ def predict_files(
     warn: Callable[[str], None] = log.warning,
     label: str | None = None,
 ) -> PredictSummary:
-    """Predict every file of ``files`` (read at ``size`` px, ``channels`` channels) and write
+    """Predict every file of ``files`` (read at ``size`` px, ``channels`` channels, resized
+    as ``resize`` says: the run's training data's way) and write
     one row each to ``output`` (``.csv`` or ``.jsonl``), or print a short block each with
     ``output=None`` (through ``echo``). Each unreadable file is one line through ``warn`` and
     listed in the summary; none readable is an error, and no output file is left. ``label``
@@ -121,7 +128,7 @@ def predict_files(
             bar = tqdm(
                 total=len(files), desc="predict", unit="image", disable=None if progress else True
             )
-            for batch in _batches(files, size, channels, batch_size, pool):
+            for batch in _batches(files, size, channels, resize, batch_size, pool):
                 good = [(p, x) for p, x in batch if isinstance(x, np.ndarray)]
                 for p, why in batch:
                     if isinstance(why, str):

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from .data import ArraySplit, DataBundle, DataSource, carve_val
+from .decode import decode_to_npy, folder_cache_dir
 from .embedded import SyntheticConfig, generate_split, group_of_classes, synthetic_class_names
 from .errors import SpecialistsError
 from .image_files import read_images
+from .storage import save_npy
 from .transforms import resize_images
 
 __all__ = [
@@ -61,7 +63,8 @@ PATH_OPTIONS: dict[str, dict[str, tuple[str, ...] | type]] = {
     # group: a regular expression searched in each training image's path below train/
     # (class/file) whose first group (or whole match) names its source; group_csv: a CSV of
     # path,group rows, paths below train/. Values cannot hold commas (they separate options).
-    "folder": {"group": str, "group_csv": str},
+    # resize: crop keeps the aspect ratio (the centred square), squash does not
+    "folder": {"group": str, "group_csv": str, "resize": ("crop", "squash")},
 }
 
 
@@ -123,6 +126,8 @@ def parse_source(
                     options[key] = int(value)
                 except ValueError as e:
                     raise SpecialistsError(f"--data {text}: {key}={value!r} is not a number") from e
+        if kind == "folder":
+            options.setdefault("resize", "crop")
         return DataSource(
             kind, str(Path(path).expanduser()), options, seed, val_fraction, image_size
         )
@@ -132,7 +137,9 @@ def parse_source(
         raise SpecialistsError(
             f"--data {text}: unknown source kind {kind!r}; known: {', '.join(SOURCES)}"
         )
-    return DataSource("folder", str(Path(text).expanduser()), {}, seed, val_fraction, image_size)
+    return DataSource(
+        "folder", str(Path(text).expanduser()), {"resize": "crop"}, seed, val_fraction, image_size
+    )
 
 
 def load_unlabelled(text: str, *, size: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -267,6 +274,9 @@ def _list_class_images(split_dir: Path) -> tuple[dict[str, list[Path]], int]:
 
 
 def _load_folder(source: DataSource) -> DataBundle:
+    """An image folder, listed, then decoded in parallel into memory-mapped arrays in the
+    decode cache (:mod:`specialists.decode`): a folder larger than memory is never held in
+    it, and a second load decodes nothing."""
     root = Path(source.path)
     if not root.is_dir():
         raise SpecialistsError(f"{root}: not a directory")
@@ -280,6 +290,7 @@ def _load_folder(source: DataSource) -> DataBundle:
             f"{root}: no test/ folder (expected train/<class>/<image> and test/<class>/<image>)"
         )
     size = source.image_size or 64
+    resize = source.options.get("resize", "squash")  # runs recorded before the option: squash
     train_files, _ = _list_class_images(train_dir)
     skipped = 0
     if not train_files:
@@ -292,7 +303,7 @@ def _load_folder(source: DataSource) -> DataBundle:
 
     group_of = _group_keys(source, train_dir)
 
-    def build(split_dir: Path) -> ArraySplit:
+    def listing(split_dir: Path) -> tuple[list[Path], np.ndarray, np.ndarray | None]:
         nonlocal skipped
         files, n_skip = _list_class_images(split_dir)
         skipped += n_skip
@@ -320,19 +331,55 @@ def _load_folder(source: DataSource) -> DataBundle:
                     f"{source.describe()}: {how} names the source of no training image (it is "
                     f"matched against paths below train/, such as {paths[0].relative_to(split_dir).as_posix()!r})"
                 )
-        return ArraySplit(read_images(paths, size, channels=3), labels, groups)
+        return paths, labels, groups
 
-    train = build(train_dir)
-    test = build(root / "test")
+    lists = {"train": listing(train_dir), "test": listing(root / "test")}
     if (root / "val").is_dir():
-        val = build(root / "val")
-    else:
-        train, val = carve_val(train, source)
+        lists["val"] = listing(root / "val")
+    else:  # carved from the file list, before decoding: the same split carve_val makes
+        paths, labels, groups = lists["train"]
+        keep, val = _carve_indices(labels, groups, source)
+        lists["train"] = ([paths[i] for i in keep], labels[keep], _take(groups, keep))
+        lists["val"] = ([paths[i] for i in val], labels[val], _take(groups, val))
     if skipped:
         log.warning("%s: skipped %d non-image file(s)", root, skipped)
+    every = [p for split in ("train", "val", "test") for p in lists[split][0]]
+    identity = {"root": str(root.resolve()), "size": size, "channels": 3, "resize": resize}
+    cache = folder_cache_dir(identity, every)
+    splits = {}
+    for split in ("train", "val", "test"):
+        paths, labels, groups = lists[split]
+        images_file, labels_file = cache / f"{split}_images.npy", cache / f"{split}_labels.npy"
+        if labels_file.is_file() and images_file.is_file():
+            images = np.load(images_file, mmap_mode="r", allow_pickle=False)
+        else:
+            images = decode_to_npy(
+                paths, size, 3, images_file, resize=resize, desc=f"decoding {split}/"
+            )
+            save_npy(labels_file, labels)  # last: marks the split complete
+        splits[split] = ArraySplit(images, labels, groups)
     return DataBundle(
-        source, train, val, test, class_names, hflip=bool(source.options.get("hflip", False))
+        source,
+        splits["train"],
+        splits["val"],
+        splits["test"],
+        class_names,
+        hflip=bool(source.options.get("hflip", False)),
     )
+
+
+def _take(a: np.ndarray | None, index: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[index]
+
+
+def _carve_indices(
+    labels: np.ndarray, groups: np.ndarray | None, source: DataSource
+) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, val) indices of the training split: :func:`carve_val`'s split, from the labels
+    (and groups) alone."""
+    placeholder = ArraySplit(np.zeros((len(labels), 1, 1, 1), np.uint8), labels, groups)
+    keep, val = carve_val(placeholder, source, indices=True)
+    return keep, val
 
 
 def _group_keys(source: DataSource, train_dir: Path):

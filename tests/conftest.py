@@ -25,3 +25,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _decode_cache(tmp_path_factory):
+    """Decoded image folders go to a temporary cache, never the user's ~/.cache."""
+    os.environ["SPECIALISTS_CACHE"] = str(tmp_path_factory.mktemp("decode-cache"))
+    yield

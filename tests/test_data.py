@@ -231,3 +231,56 @@ def test_the_sample_grid_labels_every_row(tmp_path):
     for r in range(5):  # text in the margin of every row, and white between rows of text
         row = margin[r * 36 : (r + 1) * 36]
         assert (row < 128).sum() > 20, r
+
+
+def test_folders_decode_once_into_a_shared_memory_map(tmp_path, monkeypatch):
+    from specialists import decode
+
+    root = make_tree(tmp_path / "d", n_train=30)
+    calls = []
+    real = decode.decode_to_npy
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("specialists.sources.decode_to_npy", counting)
+    b = load_data(f"folder:{root}")
+    assert len(calls) == 3  # train, val, test
+    assert isinstance(b.train.images, np.memmap) and not b.train.images.flags.writeable
+    again = load_data(f"folder:{root}")
+    assert len(calls) == 3  # nothing decoded the second time
+    assert np.array_equal(again.train.images, b.train.images)
+    labels = np.concatenate([b.train.labels, b.val.labels])  # every training image, once
+    assert sorted(labels.tolist()) == [0] * 30 + [1] * 30 + [2] * 30
+    # a changed file makes another cache; workers decode the same bytes as one process
+    _write_images(root / "train" / "cat", 1, seed=99)  # img0.png rewritten
+    b2 = load_data(f"folder:{root}")
+    assert len(calls) == 6 and not np.array_equal(b2.train.images, b.train.images)
+    files = sorted((root / "train").rglob("*.png"))
+    one = real(files, 32, 3, tmp_path / "one.npy", workers=1, progress=False)
+    two = real(files, 32, 3, tmp_path / "two.npy", workers=2, progress=False)
+    assert np.array_equal(one, two) and one.shape == (90, 32, 32, 3)
+
+
+def test_folders_keep_the_aspect_ratio_unless_asked_to_squash(tmp_path):
+    from specialists.image_files import read_image
+
+    img = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high: a red square left of centre...
+    img[:, 10:30] = (255, 0, 0)  # ...the centred 20 x 20 is all red
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    crop = read_image(tmp_path / "wide.png", 10, 3, resize="crop")
+    squash = read_image(tmp_path / "wide.png", 10, 3, resize="squash")
+    assert (crop[:, 1:-1, 0] == 255).all() and (crop[..., 0] > 200).all()  # the filter's edge
+    assert (crop[..., 1] == 0).all()
+    assert (squash[:, 0, 0] < 50).all() and (squash[:, 5, 0] == 255).all()  # black margins kept
+    assert parse_source(str(tmp_path)).options["resize"] == "crop"  # the default for folders
+    assert parse_source(f"folder:{tmp_path},resize=squash").options["resize"] == "squash"
+
+
+def test_an_unreadable_training_image_is_one_line_naming_it(tmp_path):
+    root = make_tree(tmp_path / "d")
+    (root / "train" / "dog" / "img3.png").write_bytes(b"broken")
+    with pytest.raises(SpecialistsError, match=r"img3.png: unreadable image"):
+        load_data(f"folder:{root}")
+    assert not list((tmp_path / "d").rglob("*.tmp"))

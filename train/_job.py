@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -85,6 +86,14 @@ def cache_sizes(run: RunDir, record: GeneralistRecord, sizes: list[int | None] =
                     "labels as at the data's own size"
                 )
         cache_data(run, bundle, size)
+
+
+def mapped_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a (read-only, memory-mapped) array, sharing its memory: every worker reads
+    the same cached pages instead of holding its own copy of the data. Never written to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def own_size(size: int | None, record: GeneralistRecord) -> int | None:

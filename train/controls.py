@@ -44,7 +44,7 @@ from specialists.run import RunDir
 from specialists.storage import load_json, save_json
 from specialists.transforms import BatchTransform
 
-from ._job import cache_sizes, save_artifact, start_job
+from ._job import cache_sizes, mapped_tensor, save_artifact, start_job
 from .launch import Job, JobResult, run_jobs
 from .loop import (
     build_optimizer,
@@ -104,7 +104,7 @@ def fine_tune(
         else:
             model = create_model(arch, grec.n_classes, grec.in_chans, size)
         model.to(ctx.device)
-    images_t, labels_t = torch.from_numpy(np.array(ctx.train_images)), torch.from_numpy(labels)
+    images_t, labels_t = mapped_tensor(ctx.train_images), torch.from_numpy(labels)
     torch.manual_seed(seed)
     steps = max(1, math.ceil(examples / cfg.batch_size))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -128,7 +128,9 @@ def fine_tune(
         desc=f"copy {job.id}",
         progress=False,
     )
-    val_probs = predict_proba(model, np.array(ctx.val_images), transform=eval_tf, device=ctx.device)
+    val_probs = predict_proba(
+        model, mapped_tensor(ctx.val_images), transform=eval_tf, device=ctx.device
+    )
     val_acc = float((val_probs.argmax(1) == ctx.val_labels).mean())
     return save_artifact(
         ctx.run.artifact(job.out, job.id),

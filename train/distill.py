@@ -48,7 +48,15 @@ from specialists.sources import load_unlabelled
 from specialists.storage import atomic_write_text, load_npy, save_npy
 
 from ._faults import maybe_die
-from ._job import JobContext, base_size, cache_sizes, own_size, save_artifact, start_job
+from ._job import (
+    JobContext,
+    base_size,
+    cache_sizes,
+    mapped_tensor,
+    own_size,
+    save_artifact,
+    start_job,
+)
 from ._state import checkpoint, resume
 from .launch import Job, JobResult, run_jobs
 from .loop import (
@@ -354,14 +362,14 @@ def distill_task(
     paths = run.student(job.out)
     teach = _teacher(ctx, teacher_name, cfg)
 
-    images = np.array(ctx.train_images)  # a private, writable copy of the memory map
+    images = ctx.train_images  # the shared memory map
     labels = ctx.train_labels.astype(np.int64)
-    if cfg.transfer is not None:
+    if cfg.transfer is not None:  # joined in memory with the transfer images
         extra = load_npy(run.transfer_cache(cfg.transfer, _above(run, size)))
         images = np.concatenate([images, extra])
         labels = np.concatenate([labels, np.full(len(extra), -1, dtype=np.int64)])
-    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    val_images = np.array(ctx.val_images)
+    images_t, labels_t = mapped_tensor(images), torch.from_numpy(labels)
+    val_images = ctx.val_images
     q_val = _teacher_q(teach, val_images, ctx)
     teacher_val_acc = float((q_val.argmax(1) == ctx.val_labels).mean())
 

@@ -41,7 +41,7 @@ from specialists.storage import (
 from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
-from ._job import cache_data
+from ._job import cache_data, mapped_tensor
 from ._state import checkpoint, resume
 from .loop import (
     build_optimizer,
@@ -178,7 +178,7 @@ def train_generalist(
     mean, std = _normalization(cfg, ck, bundle)
     train_tf = BatchTransform(mean, std, input_size, augment=cfg.augment, hflip=hflip)
     eval_tf = BatchTransform(mean, std, input_size)
-    images = torch.from_numpy(bundle.train.images)
+    images = mapped_tensor(bundle.train.images)  # a memory map for decoded folders: no copy
     labels = torch.from_numpy(bundle.train.labels)
     steps_per_epoch = max(1, len(bundle.train) // cfg.batch_size)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
@@ -212,7 +212,7 @@ def train_generalist(
         device,
         f" ({threads} threads)" if threads else "",
     )
-    val_images = torch.from_numpy(bundle.val.images)
+    val_images = mapped_tensor(bundle.val.images)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         best = state.best

@@ -34,7 +34,7 @@ from specialists.storage import load_npy
 from specialists.transforms import BatchTransform
 
 from ._faults import maybe_die
-from ._job import own_size, save_artifact, start_job
+from ._job import mapped_tensor, own_size, save_artifact, start_job
 from .launch import Job
 from .loop import build_optimizer, cosine_with_warmup, train_one_epoch
 
@@ -381,7 +381,7 @@ def train_specialist(
     # the specialist's own view at its input size; the generalist's is ctx.eval_transform
     train_tf = BatchTransform(grec.mean, grec.std, size, augment=True, hflip=grec.hflip)
     eval_tf = BatchTransform(grec.mean, grec.std, size)
-    images_t = torch.from_numpy(np.array(train_images))  # a private in-memory copy of the map
+    images_t = mapped_tensor(train_images)  # the shared memory map, not a private copy
 
     torch.manual_seed(cfg.seed + index)
     sampler = EnrichedBatchSampler(
