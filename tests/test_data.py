@@ -284,3 +284,16 @@ def test_an_unreadable_training_image_is_one_line_naming_it(tmp_path):
     with pytest.raises(SpecialistsError, match=r"img3.png: unreadable image"):
         load_data(f"folder:{root}")
     assert not list((tmp_path / "d").rglob("*.tmp"))
+
+
+def test_jobs_read_the_cache_without_a_private_copy(tmp_path):
+    """What a specialist, a control or a student trains on is a view of the memory-mapped
+    cache: one copy of the pages for every worker, however large the data."""
+    from specialists.storage import save_npy
+    from specialists.train._job import mapped_tensor
+
+    save_npy(tmp_path / "x.npy", np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3))
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    t = mapped_tensor(mapped)
+    assert t.data_ptr() == mapped.ctypes.data and t.shape == (4, 8, 8, 3)
+    assert np.array_equal(t[2].numpy(), mapped[2])
