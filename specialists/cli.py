@@ -778,7 +778,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     import yaml
 
@@ -817,13 +817,20 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     gcfg = cfgs["generalist"]
+    if args.device != "auto":  # the flag wins over the file for every step
+        gcfg = replace(gcfg, device=args.device)
     if run.generalist_record.is_file():
         done = load_config_file(run.config) if run.config.is_file() else {}
-        changed = sorted(k for k, v in asdict(gcfg).items() if k in done and done[k] != v)
+        # where it ran does not change what it is; a setting the run predates had its default
+        where = {"device", "threads", "amp", "eval_batch_size"}
+        defaults = asdict(type(gcfg)())
+        changed = sorted(
+            k for k, v in asdict(gcfg).items() if k not in where and done.get(k, defaults[k]) != v
+        )
         if changed:
             k = changed[0]
             raise SpecialistsError(
-                f"{run.root}: its generalist was trained with {k}={done[k]!r}, the experiment "
+                f"{run.root}: its generalist was trained with {k}={done.get(k, defaults[k])!r}, the experiment "
                 f"says {asdict(gcfg)[k]!r}; use another --out (or `specialists generalist --force`)"
             )
         print(f"1/5 generalist: already trained in {run.root}")

@@ -174,14 +174,15 @@ def carve_val(train: ArraySplit, source: DataSource, *, indices: bool = False):
     return train.subset(keep), train.subset(val)
 
 
-def _thumbnails(images: np.ndarray, size: int = 16) -> np.ndarray:
-    """A cheap embedding: grayscale, ``size`` x ``size`` (area means), centred, unit length."""
+def _thumbnails(images: np.ndarray, index: np.ndarray, size: int = 16) -> np.ndarray:
+    """A cheap embedding of ``images[index]``: grayscale, ``size`` x ``size`` (area means),
+    centred, unit length. Gathered in chunks: a memory-mapped set is never copied whole."""
     import torch
     import torch.nn.functional as F
 
     out = []
-    for start in range(0, len(images), 4096):  # bounded memory, whatever the image size
-        chunk = np.ascontiguousarray(images[start : start + 4096])
+    for start in range(0, len(index), 4096):  # bounded memory, whatever the image size
+        chunk = np.ascontiguousarray(images[index[start : start + 4096]])
         x = torch.from_numpy(chunk).float().mean(-1)[:, None]
         t = F.adaptive_avg_pool2d(x, size).flatten(1)
         t -= t.mean(1, keepdim=True)
@@ -203,8 +204,8 @@ def nearest_similarity(
     rng = np.random.default_rng([seed, 99])
     pick = rng.choice(len(images), size=min(sample, len(images)), replace=False)
     ref = rng.choice(len(reference), size=min(MAX_REFERENCE, len(reference)), replace=False)
-    q = torch.from_numpy(_thumbnails(images[np.sort(pick)]))
-    r = torch.from_numpy(_thumbnails(reference[np.sort(ref)]))
+    q = torch.from_numpy(_thumbnails(images, np.sort(pick)))
+    r = torch.from_numpy(_thumbnails(reference, np.sort(ref)))
     return torch.cat([(q[i : i + 256] @ r.T).max(1).values for i in range(0, len(q), 256)]).numpy()
 
 

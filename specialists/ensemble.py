@@ -160,6 +160,10 @@ class Ensemble(nn.Module):
         """Load an ensemble written by ``specialists export`` (see :mod:`specialists.export`):
         no run directory needed, every file checked against the checksums in its JSON."""
         parts = read_export(folder, resolve_device(device))
+        if top_n is not None and not 1 <= top_n <= parts.record.n_classes:
+            raise SpecialistsError(
+                f"--top-n {top_n}: must be between 1 and {parts.record.n_classes}"
+            )
         return cls(
             parts.generalist,
             parts.record,
@@ -304,7 +308,10 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Combined log-probabilities (B, K) of a float batch (B, C, H, W) normalised as
         ``preprocess`` makes it, with H and W at least ``input_size``: each member resizes it
-        to its own input size (bilinear, antialiased, as in training)."""
+        to its own input size (bilinear, antialiased, as in training). At exactly
+        ``input_size`` this equals ``run_batch``; from larger inputs, members that take
+        another size resize twice (to ``input_size`` in ``preprocess``, then to theirs) and
+        differ from ``run_batch`` by that second resampling."""
         r = self.record
         if x.ndim != 4 or x.shape[1] != r.in_chans or not x.is_floating_point():
             raise SpecialistsError(

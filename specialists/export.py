@@ -137,9 +137,16 @@ def write_export(
     JSON written. An existing
     ``out`` is replaced only with ``force``."""
     out = Path(out)
+    if ensemble.run is not None:
+        run_root = Path(ensemble.run.root).resolve()
+        target = out.resolve()
+        if target == run_root or run_root in target.parents or target in run_root.parents:
+            raise SpecialistsError(
+                f"{out}: inside (or around) the run {run_root}; export elsewhere"
+            )
     if out.exists() and not force:
         raise SpecialistsError(f"{out}: already exists (give --force to replace it)")
-    if out.exists() and not (out / MANIFEST).is_file():
+    if out.exists() and not is_export(out):  # a run directory has an ensemble.json too
         raise SpecialistsError(f"{out}: exists and is not an exported ensemble; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -214,6 +221,13 @@ def export_onnx(ensemble: Any, folder: Path) -> dict:
         ) from e
     folder.mkdir(parents=True, exist_ok=True)
     device = ensemble.device
+    try:
+        return _export_members(ensemble, folder)
+    finally:
+        ensemble.to(device)  # members exported on the CPU go back where they were
+
+
+def _export_members(ensemble: Any, folder: Path) -> dict:
     report = {}
     for name, model, size in _members(ensemble):
         model = model.to("cpu").eval()
@@ -239,7 +253,6 @@ def export_onnx(ensemble: Any, folder: Path) -> dict:
             ) from e
         diff = check_onnx(model, path, ensemble.record.in_chans, size)
         report[name] = {"file": f"onnx/{path.name}", "input_size": size, "max_abs_diff": diff}
-    ensemble.to(device)  # members exported on the CPU go back where they were
     return report
 
 

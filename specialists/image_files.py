@@ -28,7 +28,7 @@ def read_image(path: str | Path, size: int, channels: int, resize: str = "squash
         raise SpecialistsError(f"{p}: file not found")
     try:
         with Image.open(p) as im:
-            if im.format == "JPEG":  # decode at a reduced scale when that is still >= size
+            if resize == "crop" and im.format == "JPEG":  # a reduced scale still >= size
                 im.draft(im.mode, (size, size))
             im.load()
             if im.mode in ("RGBA", "LA", "P"):
@@ -43,7 +43,13 @@ def read_image(path: str | Path, size: int, channels: int, resize: str = "squash
             if im.size != (size, size) or box is not None:
                 im = im.resize((size, size), Image.BILINEAR, box=box)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as e:
         raise SpecialistsError(f"{p}: unreadable image ({type(e).__name__}: {e})") from e
     return arr.reshape(size, size, channels)
 

@@ -148,7 +148,7 @@ def model_from_checkpoint(
     when the class count differs (or with ``reset_head``). A checkpoint of another
     architecture is one clear error."""
     state = load_checkpoint_weights(path)
-    with torch.random.fork_rng():  # the template only names the layers; it consumes no seed
+    with torch.random.fork_rng(devices=[]):  # the template only names the layers: no seed used
         template = create_model(name, num_classes, in_chans, input_size)
     cfg = dict(getattr(template, "pretrained_cfg", None) or {})
     heads = _names(cfg.get("classifier")) or [classifier_name(template)]
@@ -174,7 +174,7 @@ def model_from_checkpoint(
     )
     ck_classes = num_classes if head_w is None else int(head_w.shape[0])
     ck_chans = int(state[f"{convs[0]}.weight"].shape[1]) if convs else in_chans
-    new_head = reset_head or ck_classes != num_classes
+    new_head = reset_head or head_w is None or ck_classes != num_classes  # headless: a new one
     side = input_size or 224
     overlay = {
         "state_dict": state,

@@ -114,6 +114,8 @@ def predict_files(
         raise SpecialistsError(f"--top-k {top_k}: must be >= 1")
     if batch_size < 1:
         raise SpecialistsError(f"--batch-size {batch_size}: must be >= 1")
+    if workers is not None and workers < 1:
+        raise SpecialistsError(f"--workers {workers}: must be >= 1")
     top_k = min(top_k, len(class_names))
     kind = None
     if output is not None:

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .data import ArraySplit, DataBundle, DataSource, carve_val
-from .decode import decode_to_npy, folder_cache_dir
+from .decode import decode_to_npy, folder_cache_dir, load_decoded
 from .embedded import SyntheticConfig, generate_split, group_of_classes, synthetic_class_names
 from .errors import SpecialistsError
 from .image_files import read_images
-from .storage import save_npy
 from .transforms import resize_images
 
 __all__ = [
@@ -343,20 +342,17 @@ def _load_folder(source: DataSource) -> DataBundle:
         lists["val"] = ([paths[i] for i in val], labels[val], _take(groups, val))
     if skipped:
         log.warning("%s: skipped %d non-image file(s)", root, skipped)
-    every = [p for split in ("train", "val", "test") for p in lists[split][0]]
     identity = {"root": str(root.resolve()), "size": size, "channels": 3, "resize": resize}
-    cache = folder_cache_dir(identity, every)
+    cache = folder_cache_dir(identity, {split: lists[split][0] for split in lists})
     splits = {}
     for split in ("train", "val", "test"):
         paths, labels, groups = lists[split]
-        images_file, labels_file = cache / f"{split}_images.npy", cache / f"{split}_labels.npy"
-        if labels_file.is_file() and images_file.is_file():
-            images = np.load(images_file, mmap_mode="r", allow_pickle=False)
-        else:
+        images_file = cache / f"{split}_images.npy"
+        images = load_decoded(images_file, len(paths), size, 3)
+        if images is None:
             images = decode_to_npy(
                 paths, size, 3, images_file, resize=resize, desc=f"decoding {split}/"
             )
-            save_npy(labels_file, labels)  # last: marks the split complete
         splits[split] = ArraySplit(images, labels, groups)
     return DataBundle(
         source,
