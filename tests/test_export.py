@@ -143,6 +143,14 @@ def test_the_export_command(trained_run, tmp_path, capsys):  # noqa: F811
     (tmp_path / "other").mkdir()
     assert main(["export", str(trained_run), str(tmp_path / "other"), "--force"]) == 2
     assert "is not an exported ensemble; not replacing it" in capsys.readouterr().err
+    # a run directory has an ensemble.json too: never replaced, never written into
+    run_copy = tmp_path / "another-run"
+    shutil.copytree(trained_run, run_copy)
+    assert main(["export", str(trained_run), str(run_copy), "--force"]) == 2
+    assert "is not an exported ensemble; not replacing it" in capsys.readouterr().err
+    assert (run_copy / "generalist" / "record.json").is_file()
+    assert main(["export", str(run_copy), str(run_copy / "exp")]) == 2
+    assert "inside (or around) the run" in capsys.readouterr().err
     for bad, message in [
         (tmp_path / "missing", "does not exist; not an exported ensemble"),
         (tmp_path / "other", "has no ensemble.json; not an exported ensemble"),
