@@ -2,7 +2,8 @@
 
     python benchmarks/resolution.py --seeds 0 1 2                      # the embedded family
     python benchmarks/resolution.py --data omniglot:../shared/data/omniglot,size=56 \\
-        --input-size 28 --specialist-input-size 56 --epochs 40 --seeds 0 1 2
+        --input-size 28 --specialist-input-size 56 --epochs 20 --seeds 0 1 2 \\
+        --out runs/resolution-omniglot
 
 For each seed, all on the same data (stored at the specialists' size, every model resizing from
 it as it does at inference):

@@ -921,7 +921,7 @@ COMMANDS: dict[
         _calibrate_args,
         _calibrate,
     ),
-    "predict": ("classify image files with the ensemble", _predict_args, _predict),
+    "predict": ("classify image files and folders (to CSV or JSON lines)", _predict_args, _predict),
     "controls": (
         "train and evaluate the controls: random groups, extra compute, plain ensemble",
         _controls_args,
