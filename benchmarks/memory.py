@@ -1,18 +1,18 @@
 """An image folder larger than memory: decoded under a memory limit, with 1 and with 2 workers.
 
-    python benchmarks/memory.py                           # 60,000 JPEGs at 224 px, 2 GB limit
-    python benchmarks/memory.py --n 6000 --limit-gb 0.5   # a quick look
+    python benchmarks/memory.py                           # 60,000 JPEGs at 224 px, 2 GiB cap
+    python benchmarks/memory.py --n 6000 --limit-gb 1     # a quick look
 
 It writes ``--n`` JPEGs at ``--size`` px in ``--classes`` class folders under ``--dir`` (kept for
 the next run), then loads the folder as a data source (``folder:DIR`` read at ``--size``: listing, the
 validation carve, the parallel decode into the memory-mapped cache) in a fresh process whose
 anonymous memory is capped at ``--limit-gb`` (``RLIMIT_DATA``: the heap and private mappings;
 the memory-mapped cache is file-backed, written back to disk and dropped by the kernel as it
-needs; importing torch alone needs about 1 GB of it). Once with ``SPECIALISTS_DECODE_WORKERS=1``,
-once with 2, each into an empty cache.
+needs; importing torch needs most of 1 GiB of its address space). Once with
+``SPECIALISTS_DECODE_WORKERS=1``, once with 2 (decoding threads), each into an empty cache.
 
 Printed for each: wall seconds, images/s, the peak anonymous resident memory of the process and
-its decoding workers together (``RssAnon`` from ``/proc``, sampled every 50 ms) and the peak
+any children (``RssAnon`` from ``/proc``, sampled every 50 ms) and the peak
 resident memory of the main process (``VmHWM``, file-backed pages included); then the speed-up
 of 2 workers over 1, and the decoded size against the limit.
 """
@@ -153,7 +153,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=60_000, help="images (default 60,000)")
     p.add_argument("--size", type=int, default=224, help="side in pixels (default 224)")
     p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--limit-gb", type=float, default=2.0, help="anonymous memory cap (default 2)")
+    p.add_argument(
+        "--limit-gb", type=float, default=2.0, help="anonymous memory cap, GiB (default 2)"
+    )
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "specialists-memory")
     args = p.parse_args()
     make_folder(args.dir, args.n, args.size, args.classes, workers=os.cpu_count() or 1)
@@ -166,12 +168,12 @@ def main() -> None:
         print(
             f"{workers} worker(s): {r['n']} images in {r['seconds']:.1f} s "
             f"({r['n'] / r['seconds']:.0f} images/s); peak anonymous memory "
-            f"{r['peak_rss_anon_kb'] / 2**20:.2f} GB (process and workers); main process peak "
-            f"resident {r['vm_hwm_kb'] / 2**20:.2f} GB"
+            f"{r['peak_rss_anon_kb'] / 2**20:.2f} GiB (process and workers); main process peak "
+            f"resident {r['vm_hwm_kb'] / 2**20:.2f} GiB"
         )
     speedup = rows[1]["seconds"] / rows[2]["seconds"]
     print(
-        f"decoded size {decoded / 2**30:.2f} GB = {decoded / limit:.1f}x the {args.limit_gb:g} GB "
+        f"decoded size {decoded / 2**30:.2f} GiB = {decoded / limit:.1f}x the {args.limit_gb:g} GiB "
         f"limit; 2 workers decode {speedup:.2f}x as fast as 1"
     )
 
