@@ -11,6 +11,12 @@ the memory-mapped cache is file-backed, written back to disk and dropped by the 
 needs; importing torch needs most of 1 GiB of its address space). Once with
 ``SPECIALISTS_DECODE_WORKERS=1``, once with 2 (decoding threads), each into an empty cache.
 
+``--workers-memory``: a specialist job's memory against the size of its run's data. Two runs of
+the embedded data (100 classes at 32 px, ``--per-class`` training images per class, e.g. 200 and
+1,600: 60 MB and 490 MB of images), a generalist of one epoch each, then one specialist job in a
+fresh process on each, its peak anonymous memory sampled the same way: a job that copied the
+data would grow by its size.
+
 Printed for each: wall seconds, images/s, the peak anonymous resident memory of the process and
 any children (``RssAnon`` from ``/proc``, sampled every 50 ms) and the peak
 resident memory of the main process (``VmHWM``, file-backed pages included); then the speed-up
@@ -148,6 +154,50 @@ def measure(source: str, size: int, workers: int, limit: int) -> dict:
     return result
 
 
+WORKER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from specialists.train.specialist import SpecialistConfig, train_specialist
+train_specialist(sys.argv[1], 0, [0, 1, 2, 3, 4], SpecialistConfig(epochs=1, examples_per_epoch=2048), threads=2)
+"""
+
+
+def worker_memory(per_class: int, root: Path) -> dict:
+    """Peak anonymous memory of one specialist job on a run with ``per_class`` training images
+    per class (100 classes at 32 px)."""
+    sys.path.insert(0, str(ROOT))
+    from specialists.run import RunDir
+    from specialists.sources import load_data
+    from specialists.storage import save_json
+    from specialists.train._job import cache_data
+    from specialists.train.generalist import GeneralistConfig, train_generalist
+
+    data = (
+        f"embedded:n_classes=100,n_groups=20,image_size=32,train_per_class={per_class},"
+        "val_per_class=20,test_per_class=20"
+    )
+    run = RunDir.of(root / f"run{per_class}")
+    if not run.generalist_record.is_file():
+        train_generalist(GeneralistConfig(data=data, epochs=1, threads=2), run.root, progress=False)
+        cache_data(run, load_data(data))
+        save_json(
+            run.clusters,
+            {"groups": [{"classes": list(range(5 * g, 5 * g + 5))} for g in range(20)]},
+        )
+    shutil.rmtree(run.specialists_dir, ignore_errors=True)
+    n_bytes = np.load(run.cache_images("train"), mmap_mode="r").nbytes
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(run.root), str(ROOT)], stderr=subprocess.PIPE, text=True
+    )
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _rss_anon_kb(_tree(proc.pid)))
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise SystemExit(f"the specialist job failed:\n{proc.stderr.read()[-3000:]}")
+    return {"train_bytes": n_bytes, "peak_rss_anon_kb": peak}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=60_000, help="images (default 60,000)")
@@ -157,7 +207,18 @@ def main() -> None:
         "--limit-gb", type=float, default=2.0, help="anonymous memory cap, GiB (default 2)"
     )
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "specialists-memory")
+    p.add_argument("--workers-memory", action="store_true", help="the specialist jobs' part")
+    p.add_argument("--per-class", type=int, nargs="+", default=[200, 1600])
     args = p.parse_args()
+    if args.workers_memory:
+        for per_class in args.per_class:
+            r = worker_memory(per_class, args.dir / "runs")
+            print(
+                f"{per_class} training images per class ({r['train_bytes'] / 2**20:.0f} MiB of "
+                f"images): the specialist job's peak anonymous memory "
+                f"{r['peak_rss_anon_kb'] / 2**10:.0f} MiB"
+            )
+        return
     make_folder(args.dir, args.n, args.size, args.classes, workers=os.cpu_count() or 1)
     limit = int(args.limit_gb * 2**30)
     source = f"folder:{args.dir}"
