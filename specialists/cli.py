@@ -380,7 +380,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     p.add_argument(
-        "--workers", type=int, help="threads decoding images (default: the CPUs, at most 8)"
+        "--workers",
+        type=int,
+        help="threads decoding images (default: SPECIALISTS_DECODE_WORKERS, else the CPUs, at most 8)",
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
 

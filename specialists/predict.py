@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .decode import decode_workers
 from .errors import SpecialistsError
 from .image_files import read_image
 from .sources import IMAGE_EXTENSIONS
@@ -123,7 +124,7 @@ def predict_files(
         if kind not in (".csv", ".jsonl"):
             raise SpecialistsError(f"{output}: the output must end in .csv or .jsonl")
     summary = PredictSummary()
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or decode_workers()
 
     def run(writer: _RowWriter | None) -> None:
         with ThreadPoolExecutor(max_workers=workers) as pool:
