@@ -69,11 +69,13 @@ def load_checked(
     return rec
 
 
-def load_weights(model: nn.Module, weights: Path, what: str) -> nn.Module:
+def load_weights(
+    model: nn.Module, weights: Path, what: str, *, sha256: str | None = None
+) -> nn.Module:
     """Load safetensors ``weights`` into ``model``; a mismatch is one line saying ``what`` the
-    file should have held."""
+    file should have held. With ``sha256``, the file read must have that checksum."""
     try:
-        model.load_state_dict(load_tensors(weights))
+        model.load_state_dict(load_tensors(weights, sha256=sha256))
     except RuntimeError as e:
         raise SpecialistsError(
             f"{weights}: does not match {what} ({str(e).splitlines()[0]})"

@@ -55,6 +55,7 @@ from .datasets import load_run_data
 from .ensemble import Ensemble
 from .errors import SpecialistsError
 from .gating import GroupIndex, gate
+from .lock import writes_run
 from .records import SpecialistRecord
 from .run import RunDir
 from .storage import save_json
@@ -383,6 +384,7 @@ def paired_gain(col: Collected, q: torch.Tensor) -> dict:
     return {"wins": wins, "losses": losses, "z": round(z, 4), "p_value": float(f"{p:.4g}")}
 
 
+@writes_run("specialists calibrate")
 def calibrate_run(
     run_dir: str | Path,
     device: str = "auto",
@@ -425,6 +427,10 @@ def calibrate_run(
     gain = comb.chosen_on["gain"]
     comb.chosen_on["split"] = "val"
     comb.chosen_on["alpha"] = alpha
+    # what it was chosen for: loading it with other specialists is refused (a mixed state)
+    comb.chosen_on["specialists_sha256"] = {
+        str(r.id): r.weights_sha256 for r in ens.all_specialists
+    }
     if gain is None or gain["p_value"] > alpha:
         comb.chosen_on["best_accuracy"] = comb.chosen_on["accuracy"]
         comb.chosen_on["accuracy"] = comb.chosen_on["generalist_accuracy"]

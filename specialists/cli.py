@@ -33,6 +33,50 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
 
 
+# Commands that write a run hold its lock from start to end (specialists/lock.py); `predict` holds
+# it while it loads. The run is `RUN`, else `--out`; the ones that may start a new run say so.
+LOCKED = {
+    "generalist": "create",
+    "cluster": "",
+    "train": "",
+    "evaluate": "",
+    "calibrate": "",
+    "controls": "",
+    "distill": "",
+    "export": "",
+    "run": "create",
+    "demo": "create",
+    "predict": "load",
+}
+
+
+def _no_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="if another command is writing the run, stop with one line instead of waiting",
+    )
+
+
+def _locked(args: argparse.Namespace):
+    """The run lock the command holds from start to end (a null context where none)."""
+    import contextlib
+
+    from .lock import run_lock
+
+    how = LOCKED.get(args.command)
+    if how is None or how == "load" or getattr(args, "print_config", False):
+        return contextlib.nullcontext()
+    root = args.run if args.command not in ("generalist", "run", "demo") else args.out
+    return run_lock(
+        root,
+        f"specialists {args.command}",
+        wait=not args.no_wait,
+        create=how == "create",
+        say=lambda line: print(line, file=sys.stderr),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # generalist
 
@@ -195,6 +239,13 @@ def _launcher_args(p: argparse.ArgumentParser) -> None:
         "--ray-address", help="Ray cluster address (default: start a local Ray instance)"
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument(
+        "--gpus-per-job",
+        type=float,
+        metavar="F",
+        help="share of a GPU each job takes, so that small jobs share one (0.25: four per GPU; "
+        "default: a whole GPU each where there are GPUs)",
+    )
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -294,6 +345,7 @@ def _train(args: argparse.Namespace) -> int:
         only=only,
         device=args.device,
         ray_address=args.ray_address,
+        gpus_per_job=args.gpus_per_job,
         progress=not args.quiet,
     )
     ok = [r for r in results if r.ok]
@@ -387,17 +439,13 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _predictor(args: argparse.Namespace, exported: bool):
+    """What answers `predict`: (predict(images) -> (probs, consulted), input size, channels,
+    class names, the data record)."""
     from .artifacts import generalist_record, load_generalist, load_student
-    from .export import is_export
     from .models import predict_proba, resolve_device
-    from .predict import list_images, predict_files
     from .transforms import make_transforms
 
-    files = list_images(args.images)
-    if not files:
-        raise SpecialistsError(f"no image files in {' '.join(args.images)}")
-    exported = is_export(args.run)
     if args.model == "ensemble":
         from .ensemble import Ensemble
 
@@ -405,31 +453,58 @@ def _predict(args: argparse.Namespace) -> int:
             ens = Ensemble.from_pretrained(args.run, args.device, top_n=args.top_n)
         else:
             ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
-        size, channels, names = ens.input_size, ens.record.in_chans, ens.record.class_names
-        data = ens.record.data
 
         def predict(images):
             out = ens.run_batch(images)
             return out.q, out.consulted
 
+        rec = ens.record
+        return predict, ens.input_size, rec.in_chans, rec.class_names, rec.data
+    if exported:
+        raise SpecialistsError(f"{args.run}: an exported folder holds the ensemble only")
+    run = RunDir.of(args.run)
+    device = resolve_device(args.device)
+    if args.model == "student":
+        grec = generalist_record(run)
+        model, _, transform = load_student(run, device)
     else:
-        if exported:
-            raise SpecialistsError(f"{args.run}: an exported folder holds the ensemble only")
-        run = RunDir.of(args.run)
-        device = resolve_device(args.device)
-        if args.model == "student":
-            grec = generalist_record(run)
-            model, _, transform = load_student(run, device)
-        else:
-            model, grec = load_generalist(run, device)
-            transform = make_transforms(grec)[1]
-        size, channels, names = grec.input_size, grec.in_chans, grec.class_names
-        data = grec.data
+        model, grec = load_generalist(run, device)
+        transform = make_transforms(grec)[1]
 
-        def predict(images):
-            probs = predict_proba(model, images, transform=transform, device=device)
-            return probs, [[] for _ in probs]
+    def predict(images):
+        probs = predict_proba(model, images, transform=transform, device=device)
+        return probs, [[] for _ in probs]
 
+    return predict, grec.input_size, grec.in_chans, grec.class_names, grec.data
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .export import is_export
+    from .lock import run_lock
+    from .predict import list_images, predict_files
+
+    files = list_images(args.images)
+    if not files:
+        raise SpecialistsError(f"no image files in {' '.join(args.images)}")
+    exported = is_export(args.run)
+    # the models are read under the run's lock (one state of the run), then it is let go: a
+    # long prediction does not hold up a writer, and a specialist loaded later must be the file
+    # read now (Ensemble.load)
+    lock = (
+        contextlib.nullcontext()
+        if exported
+        else run_lock(
+            args.run,
+            "specialists predict",
+            wait=not args.no_wait,
+            reader=True,
+            say=lambda line: print(line, file=sys.stderr),
+        )
+    )
+    with lock:
+        predict, size, channels, names, data = _predictor(args, exported)
     summary = predict_files(
         predict,
         files,
@@ -514,6 +589,7 @@ def _controls(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         ray_address=args.ray_address,
+        gpus_per_job=args.gpus_per_job,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -594,6 +670,7 @@ def _distill(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         ray_address=args.ray_address,
+        gpus_per_job=args.gpus_per_job,
         progress=not args.quiet,
     )
     failed = [r for r in results if not r.ok]
@@ -813,6 +890,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         ray_address=args.ray_address,
+        gpus_per_job=args.gpus_per_job,
         progress=not args.quiet,
     )
     gcfg = cfgs["generalist"]
@@ -962,6 +1040,8 @@ def build_parser(config_flags: Sequence[str] | None = None) -> argparse.Argument
                 from .config import add_config_flags
 
                 add_config_flags(p, _config_class(name))
+        if name in LOCKED:
+            _no_wait(p)
         _common(p)
         p.set_defaults(_handler=run)
     return parser
@@ -982,7 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        code = args._handler(args)
+        with _locked(args):
+            code = args._handler(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
         return code
     except SpecialistsError as e:

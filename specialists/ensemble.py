@@ -2,7 +2,9 @@
 
 ``Ensemble.load(RUN)`` validates every file it reads (checksums, groups, the generalist each
 specialist was trained from) and loads specialists on demand, keeping at most ``cache_size`` in
-memory.
+memory. It reads the run under the run's lock, so it sees one state of it, and a specialist
+loaded later must still be the file that state held (its checksum is the record's): a run
+retrained meanwhile is one clear error, never a mix of two states.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .combiner import combine
 from .errors import SpecialistsError
 from .export import read_export, write_export
 from .gating import ActivePairs, GroupIndex, gate
+from .lock import run_lock
 from .models import create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import RunDir
@@ -42,6 +45,27 @@ def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2] == size and x.shape[-1] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _check_calibrated_on(
+    comb: Combination,
+    records: list[SpecialistRecord],
+    path: Path,
+    root: Path,
+    variant: str | None,
+) -> None:
+    """A combination chosen for other specialists (some retrained since: a training stopped
+    before its calibration) would score a state the run never had: one line saying what to do."""
+    chosen_for = comb.chosen_on.get("specialists_sha256")
+    if not chosen_for:  # chosen before the checksums were recorded, or not calibrated
+        return
+    changed = [r.id for r in records if chosen_for.get(str(r.id)) != r.weights_sha256]
+    if changed or len(chosen_for) != len(records):
+        which = f"specialist {changed[0]} changed" if changed else "the groups changed"
+        fix = f"specialists controls {root}" if variant else f"specialists calibrate {root}"
+        raise SpecialistsError(
+            f"{path}: chosen for other specialists ({which} since); run `{fix}` to choose again"
+        )
 
 
 class EnsembleOutput:
@@ -127,15 +151,17 @@ class Ensemble(nn.Module):
         (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
         equal weights); ``top_n`` overrides its gating width."""
         run = RunDir.of(run_dir)
-        generalist, record = load_generalist(run, resolve_device(device))
-        paths = run.ensemble(variant)
-        if top_n is not None and not 1 <= top_n <= record.n_classes:
-            raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
-        records = load_specialists(run, record, variant=variant)
-        if combination is None:
-            if paths.combination.is_file():
-                manifest.verify(run.root, paths.combination)
-            combination = load_combination(paths.combination) or Combination()
+        with run_lock(run.root, "reading the ensemble", reader=True):
+            generalist, record = load_generalist(run, resolve_device(device))
+            paths = run.ensemble(variant)
+            if top_n is not None and not 1 <= top_n <= record.n_classes:
+                raise SpecialistsError(f"--top-n {top_n}: must be between 1 and {record.n_classes}")
+            records = load_specialists(run, record, variant=variant)
+            if combination is None:
+                if paths.combination.is_file():
+                    manifest.verify(run.root, paths.combination)
+                combination = load_combination(paths.combination) or Combination()
+                _check_calibrated_on(combination, records, paths.combination, run.root, variant)
         return cls(
             generalist,
             record,
@@ -252,6 +278,7 @@ class Ensemble(nn.Module):
             model,
             self.specialist_weights[rec.id],
             f"a {rec.architecture} with {n_out} outputs at {size} px",
+            sha256=rec.weights_sha256,  # the file the ensemble was loaded with, not a newer one
         )
         model.to(self.device).eval().requires_grad_(False)
         self.loaded[key] = model

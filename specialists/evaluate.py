@@ -14,10 +14,11 @@ from .data import DataSource
 from .datasets import load_run_data
 from .ensemble import Ensemble
 from .errors import SpecialistsError
+from .lock import writes_run
 from .models import predict_proba
 from .run import RunDir
 from .sources import load_data, parse_source
-from .storage import save_figure, save_json
+from .storage import file_sha256, save_figure, save_json
 
 __all__ = [
     "ensemble_metrics",
@@ -371,6 +372,7 @@ def plot_coverage(m: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+@writes_run("specialists evaluate")
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -383,6 +385,12 @@ def evaluate_run(
     """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``."""
     run = RunDir.of(run_dir)
     ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size)
+    # the state scored (the run's lock is held throughout: no writer changes it meanwhile)
+    state = {
+        "manifest_generation": manifest.generation(run.root),
+        "combination_sha256": (file_sha256(run.combination) if run.combination.is_file() else None),
+        "specialists_sha256": {str(s.id): s.weights_sha256 for s in ens.all_specialists},
+    }
     if data:
         source = parse_source(
             data, seed=ens.record.data["seed"], image_size=ens.data_size or ens.record.input_size
@@ -414,6 +422,7 @@ def evaluate_run(
             "generalist_images_per_second": round(g_ips, 1),
             "ensemble_images_per_second": round(e_ips, 1),
             "mean_specialists_consulted": round(float(np.mean([len(c) for c in out.consulted])), 3),
+            "run_state": state,
         }
     )
     students = student_rows(ens, images, part.labels, out.p_g)

@@ -24,6 +24,7 @@ from .clustering import (
     grouped_matrix_figure,
 )
 from .errors import SpecialistsError
+from .lock import writes_run
 from .run import RunDir
 from .storage import load_npy, save_figure, save_json
 
@@ -77,6 +78,7 @@ def _load_predictions(run: RunDir, n_classes: int) -> tuple[np.ndarray, np.ndarr
     return probs, labels
 
 
+@writes_run("specialists cluster")
 def cluster_run(
     run_dir: str | Path, cfg: ClusterConfig | None = None, *, batch_size: int = 4096
 ) -> dict:

@@ -2,8 +2,11 @@
 
 ``RUN/manifest.json`` is updated (atomically) by the process that finished a step: the generalist
 trainer, the clustering, the launcher after each job, the evaluation. Every load checks the files
-it reads against it, so a truncated or altered file is one clear error naming the file. Worker
-processes never write it (the launcher registers their artifacts), so there is no race.
+it reads against it, so a truncated or altered file is one clear error naming the file. Its
+read-modify-write holds the run's lock (:mod:`specialists.lock`), so two processes registering at
+once lose no entry; worker processes never write it (the launcher registers their artifacts).
+Its ``generation`` counts the updates: a reader that sees the same generation before and after
+reading saw one state of the run.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import os
 from pathlib import Path
 
 from .errors import SpecialistsError
+from .lock import run_lock
 from .run import RunDir
 from .storage import file_sha256, load_json, save_json
 
-__all__ = ["MANIFEST_VERSION", "checked_sha256", "register", "verify"]
+__all__ = ["MANIFEST_VERSION", "checked_sha256", "generation", "register", "verify"]
 
 MANIFEST_VERSION = 1
 
@@ -42,12 +46,21 @@ def _read(root: Path) -> dict:
 def register(root: str | os.PathLike, *paths: str | os.PathLike) -> None:
     """Record the current size and checksum of ``paths`` (files inside the run ``root``)."""
     root = Path(root)
-    data = _read(root)
-    for p in paths:
+    entries = {}
+    for p in paths:  # checksums first, outside the lock
         p = Path(p)
         rel = p.resolve().relative_to(root.resolve()).as_posix()
-        data["files"][rel] = {"sha256": file_sha256(p), "size": p.stat().st_size}
-    save_json(_path(root), data)
+        entries[rel] = {"sha256": file_sha256(p), "size": p.stat().st_size}
+    with run_lock(root, "a manifest update"):
+        data = _read(root)
+        data["files"].update(entries)
+        data["generation"] = int(data.get("generation", 0)) + 1
+        save_json(_path(root), data)
+
+
+def generation(root: str | os.PathLike) -> int:
+    """How many updates the run's manifest has had (0: none yet)."""
+    return int(_read(Path(root)).get("generation", 0))
 
 
 def _entry(files: dict, root: Path, path: Path) -> dict | None:

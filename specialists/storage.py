@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from .errors import SpecialistsError
@@ -116,14 +117,23 @@ def save_tensors(
 
 
 def load_tensors(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, sha256: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Load safetensors weights; never unpickles. A broken file is one clear error."""
+    """Load safetensors weights; never unpickles. A broken file is one clear error. With
+    ``sha256`` the bytes read must have that checksum (read once: checked, then parsed)."""
     path = Path(path)
     if not path.is_file():
         raise SpecialistsError(f"{path}: file not found")
     try:
-        return load_file(str(path), device=str(device))
+        if sha256 is None:
+            return load_file(str(path), device=str(device))
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise SpecialistsError(
+                f"{path}: changed since its ensemble was loaded (the run was written meanwhile); "
+                "load the ensemble again"
+            )
+        return {k: v.to(device) for k, v in load_bytes(data).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise SpecialistsError(f"{path}: not a readable safetensors file ({e})") from e
 

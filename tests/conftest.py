@@ -1,8 +1,12 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Ray reads this when it is imported: every worker line reaches the driver as it is, not merged
+# into "[repeated 2x across cluster]" (the multi-node test reads them)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_DATA = Path(
     os.environ.get(

@@ -33,6 +33,7 @@ from specialists.calibrate import calibrate_run
 from specialists.datasets import load_run_data
 from specialists.ensemble import Ensemble
 from specialists.evaluate import ensemble_metrics, evaluate_run, paired_speed
+from specialists.lock import writes_run
 from specialists.models import (
     create_model,
     model_from_checkpoint,
@@ -225,6 +226,7 @@ def _specialists_member(
     return arch, size, ckpt
 
 
+@writes_run("specialists controls")
 def run_controls(
     run_dir: str | Path,
     *,
@@ -232,6 +234,7 @@ def run_controls(
     backend: str = "local",
     device: str = "auto",
     ray_address: str | None = None,
+    gpus_per_job: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> list[JobResult]:
@@ -250,6 +253,7 @@ def run_controls(
         workers=workers,
         device=device,
         ray_address=ray_address,
+        gpus_per_job=gpus_per_job,
         progress=progress,
     )
     if all(r.ok for r in results):  # the random groups are combined as the run's own are
@@ -343,6 +347,7 @@ def control_rows(
     return out
 
 
+@writes_run("specialists controls")
 def evaluate_controls(
     run_dir: str | Path, *, top_n: int | None = None, device: str = "auto"
 ) -> dict:

@@ -37,6 +37,7 @@ from specialists import manifest
 from specialists.artifacts import generalist_record, load_specialists
 from specialists.ensemble import Ensemble
 from specialists.errors import SpecialistsError
+from specialists.lock import writes_run
 from specialists.models import (
     create_model,
     model_from_checkpoint,
@@ -242,6 +243,7 @@ def distill_job(
     return Job(0, out, distill_task, StudentRecord, inputs=inputs, identity=identity)
 
 
+@writes_run("specialists distill")
 def run_distill(
     run_dir: str | Path,
     cfg: DistillConfig | None = None,
@@ -251,6 +253,7 @@ def run_distill(
     backend: str = "local",
     device: str = "auto",
     ray_address: str | None = None,
+    gpus_per_job: float | None = None,
     progress: bool = True,
 ) -> list[JobResult]:
     """Distil the run's calibrated ensemble into one student (only if it is missing or stale);
@@ -296,6 +299,7 @@ def run_distill(
         workers=workers,
         device=device,
         ray_address=ray_address,
+        gpus_per_job=gpus_per_job,
         progress=progress,
     )
 

@@ -19,6 +19,7 @@ from specialists.config import write_config
 from specialists.data import DataBundle, accuracy_gap_warning, split_warning
 from specialists.datasets import DATASET
 from specialists.errors import SpecialistsError
+from specialists.lock import writes_run
 from specialists.models import (
     checkpoint_config,
     create_model,
@@ -119,6 +120,7 @@ def _normalization(cfg: GeneralistConfig, ck: dict, bundle: DataBundle) -> tuple
     return list(mean), list(std)
 
 
+@writes_run("specialists generalist", "out", create=True)
 def train_generalist(
     cfg: GeneralistConfig,
     out: str | Path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from specialists import manifest
 from specialists.artifacts import load_checked
 from specialists.errors import SpecialistsError
+from specialists.lock import mark_worker
 from specialists.models import available_cores
 from specialists.records import Record
 from specialists.run import RunDir
@@ -156,6 +158,7 @@ def _worker_main(
     dies takes only its current job with it (the launcher starts a fresh one), and a worker
     whose launcher dies stops within a second."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops its workers
+    mark_worker()  # the launcher holds the run's lock for its workers
     if parent_pid is not None:
         _exit_with(parent_pid)
     while True:
@@ -166,7 +169,8 @@ def _worker_main(
 
 
 def _slots(workers: int, device: str) -> list[tuple[str, int | None]]:
-    """(device, threads) of each worker slot: one GPU per worker on CUDA; cores shared on CPU."""
+    """(device, threads) of each worker slot: on CUDA the workers go round the GPUs (more
+    workers than GPUs share them); on CPU the cores are shared out."""
     if device in ("auto", "cuda") and torch.cuda.is_available():
         n_gpu = torch.cuda.device_count()
         return [(f"cuda:{i % n_gpu}", 1) for i in range(workers)]
@@ -175,10 +179,20 @@ def _slots(workers: int, device: str) -> list[tuple[str, int | None]]:
     return [("cpu", max(1, available_cores() // workers))] * workers
 
 
-def default_workers(device: str) -> int:
+def default_workers(device: str, gpus_per_job: float | None = None) -> int:
+    """One worker per GPU (``1 / gpus_per_job`` per GPU when jobs share one), else per core."""
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.device_count()
+        return torch.cuda.device_count() * max(1, math.floor(1 / (gpus_per_job or 1.0) + 1e-9))
     return available_cores()
+
+
+def check_gpus_per_job(gpus_per_job: float | None) -> None:
+    """A job uses one device: a share of one GPU (0.25: four jobs on each GPU) or all of it."""
+    if gpus_per_job is not None and not 0 < gpus_per_job <= 1:
+        raise SpecialistsError(
+            f"--gpus-per-job {gpus_per_job:g}: must be in (0, 1] (a job uses one GPU or a share "
+            "of one, e.g. 0.25: four jobs per GPU)"
+        )
 
 
 @contextlib.contextmanager
@@ -290,7 +304,52 @@ def _collect(run: RunDir, job: Job, exitcode: int | None) -> JobResult:
 
 
 def _ray_job(run_root: str, job: Job, cfg: Any, device: str, threads: int | None) -> dict:
-    return job.task(run_root, job, cfg, device=device, threads=threads).to_dict()
+    """One job as a Ray task. What it logs reaches the driver (Ray prefixes each line with the
+    worker's pid and node address); the driver holds the run's lock for it."""
+    import ray
+
+    mark_worker()
+    worker_log = logging.getLogger("specialists")
+    if not worker_log.handlers:  # a fresh worker process: show the package's INFO lines
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        worker_log.addHandler(handler)
+        worker_log.setLevel(logging.INFO)
+    node = ray.get_runtime_context().get_node_id()[:8]
+    gpus = ray.get_gpu_ids()
+    where = f"node {node}" + (f", GPU {','.join(map(str, gpus))}" if gpus else "")
+    start = time.perf_counter()
+    worker_log.info("%s: started on %s (%s)", job.name, where, device)
+    rec = job.task(run_root, job, cfg, device=device, threads=threads)
+    worker_log.info("%s: finished on %s in %.0f s", job.name, where, time.perf_counter() - start)
+    return rec.to_dict()
+
+
+def _connect_ray(address: str | None):
+    # every job's lines as they are, not merged into "[repeated 2x across cluster]" (read when
+    # Ray is imported: a program that imported it already keeps its own setting)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        import ray
+    except ImportError as e:
+        raise SpecialistsError('the Ray backend needs Ray: pip install -e ".[ray]"') from e
+    if not ray.is_initialized():
+        kwargs = (
+            {"address": address}
+            if address
+            else {"num_cpus": available_cores(), "include_dashboard": False}
+        )
+        try:
+            # log_to_driver: what the workers log shows here, prefixed with their pid and node
+            ray.init(
+                ignore_reinit_error=True,
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+                **kwargs,
+            )
+        except ConnectionError as e:
+            raise SpecialistsError(f"--ray-address {address}: {e}") from e
+    return ray
 
 
 def run_ray(
@@ -302,20 +361,16 @@ def run_ray(
     cpus_per_job: int,
     gpus_per_job: float,
     progress: bool,
-    max_retries: int = 2,
+    max_retries: int = 3,
 ) -> list[JobResult]:
-    try:
-        import ray
-    except ImportError as e:
-        raise SpecialistsError('the Ray backend needs Ray: pip install -e ".[ray]"') from e
-    if not ray.is_initialized():
-        kwargs = (
-            {"address": address}
-            if address
-            else {"num_cpus": available_cores(), "include_dashboard": False}
-        )
-        ray.init(
-            ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING, **kwargs
+    """Run ``jobs`` as Ray tasks spread over the cluster's nodes. A task whose worker or node
+    dies is retried on another (``max_retries`` times); a job that raises is reported, not
+    retried. The run directory must be on storage every node sees (one machine, or NFS)."""
+    ray = _connect_ray(address)
+    if gpus_per_job > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_job:
+        raise SpecialistsError(
+            f"--gpus-per-job {gpus_per_job:g}: the Ray cluster has "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPU(s)"
         )
     device = "cuda" if gpus_per_job > 0 else "cpu"
     remote = ray.remote(
@@ -323,6 +378,7 @@ def run_ray(
         num_gpus=gpus_per_job,
         max_retries=max_retries,
         retry_exceptions=False,
+        scheduling_strategy="SPREAD",  # over the nodes, not packed onto the first
     )(_ray_job)
     refs = {
         remote.remote(str(run.root.resolve()), job, cfg, device, cpus_per_job): job for job in jobs
@@ -362,9 +418,13 @@ def run_jobs(
     device: str = "auto",
     ray_address: str | None = None,
     progress: bool = True,
+    gpus_per_job: float | None = None,
 ) -> list[JobResult]:
     """Run what is missing among ``jobs`` with the shared configuration ``cfg``; return one
-    result per job (skipped ones included), in the order of ``jobs``."""
+    result per job (skipped ones included), in the order of ``jobs``. ``gpus_per_job`` < 1
+    lets small jobs share a GPU (0.25: four per GPU; default: a GPU each where there are GPUs).
+    """
+    check_gpus_per_job(gpus_per_job)
     todo, done = pending_jobs(run, jobs, generalist_sha, cfg)
     for r in done:
         log.info("%s: up to date, skipped", r.job.name)
@@ -372,14 +432,17 @@ def run_jobs(
         return done
     start = time.perf_counter()
     if backend == "local":
-        n = workers or default_workers(device)
+        n = workers or default_workers(device, gpus_per_job)
         log.info("running %d job(s) with %d local worker(s)", len(todo), n)
         results = run_local(
             run, todo, cfg=cfg, workers=min(n, len(todo)), device=device, progress=progress
         )
     elif backend == "ray":
         cpus = 1 if workers is None else max(1, available_cores() // workers)
-        gpus = 1.0 if (device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
+        if gpus_per_job is not None:
+            gpus = gpus_per_job if device != "cpu" else 0.0
+        else:  # the driver's view: a GPU each if this machine has GPUs
+            gpus = 1.0 if (device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
         results = run_ray(
             run,
             todo,

@@ -12,6 +12,7 @@ from specialists.config import write_config
 from specialists.errors import SpecialistsError
 from specialists.evaluate import evaluate_run
 from specialists.grouping import cluster_run, summarize_clusters
+from specialists.lock import writes_run
 from specialists.run import RunDir
 from specialists.storage import load_json
 
@@ -26,6 +27,7 @@ __all__ = ["DEMO_DISTILL", "DEMO_GENERALIST", "DEMO_SPECIALISTS", "run_demo", "t
 log = logging.getLogger(__name__)
 
 
+@writes_run("specialists train")
 def train_specialists(
     run_dir: str | Path,
     cfg: SpecialistConfig | None = None,
@@ -35,6 +37,7 @@ def train_specialists(
     only: list[int] | None = None,
     device: str = "auto",
     ray_address: str | None = None,
+    gpus_per_job: float | None = None,
     progress: bool = True,
     calibrate: bool = True,
 ) -> list[JobResult]:
@@ -66,6 +69,7 @@ def train_specialists(
         workers=workers,
         device=device,
         ray_address=ray_address,
+        gpus_per_job=gpus_per_job,
         progress=progress,
     )
     complete = all(run.specialist(i).record.is_file() for i in range(len(groups)))
@@ -82,6 +86,7 @@ DEMO_SPECIALISTS = SpecialistConfig()
 DEMO_DISTILL = DistillConfig()
 
 
+@writes_run("specialists demo", "out", create=True)
 def run_demo(
     out: str | Path, *, workers: int | None = None, progress: bool = True, say=print
 ) -> dict:
