@@ -8,6 +8,8 @@ Three cases on synthetic instances:
 2. slow (the realistic instance with top-3 gating and every specialist weighted 8, where plain EM
    crawls): the default accelerated EM (SQUAREM jumps) against plain EM, same run.
 3. large (default K=15,000, 61 groups of 300, B=64): EM alone.
+4. huge (default K=100,000, 300 overlapping groups of 600, B=64): the group index (held
+   sparsely), gating and EM, time per image and the process's peak memory.
 
 Instances: generalist logits ~ N(0, 3^2); each active specialist's distribution is the
 generalist's projected onto its group + dustbin, perturbed by N(0, 1) noise on the log scale (so
@@ -15,11 +17,13 @@ the dustbins are far from empty and active groups overlap). Times are the median
 after a warm-up; the GD references run once.
 
     python benchmarks/bench_combiner.py [--device cpu|cuda] [--threads N] [--top-n N] [--lbfgs]
+    python benchmarks/bench_combiner.py --only-huge   # case 4 alone
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -98,11 +102,18 @@ def main() -> None:
         "--lbfgs", action="store_true", help="also time L-BFGS (slow: minutes on a CPU)"
     )
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--only-huge", action="store_true", help="run case 4 alone")
+    parser.add_argument("--huge-classes", type=int, default=100_000)
+    parser.add_argument("--huge-groups", type=int, default=300)
+    parser.add_argument("--huge-group-size", type=int, default=600)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev, f32, f64 = args.device, torch.float32, torch.float64
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    if args.only_huge:
+        bench_huge(args)
+        return
 
     print(f"\n[1] realistic case, top-{args.top_n} gating: EM vs gradient descent on logits")
     p_g, spec, pairs, groups = make_instance(256, 1000, 20, 100, args.top_n, args.seed, f64, dev)
@@ -171,6 +182,52 @@ def main() -> None:
             f"    EM {str(dtype)[6:]:7s} : {t_em * 1e3:9.1f} ms  {em.n_iter} iterations, "
             f"converged={em.converged}, {t_em / len(p_g) * 1e6:.0f} us per example"
         )
+    bench_huge(args)
+
+
+def bench_huge(args) -> None:
+    k, m, size, b = args.huge_classes, args.huge_groups, args.huge_group_size, 64
+    dev = args.device
+    print(f"\n[4] huge case: K={k:,} classes, {m} overlapping groups of {size}, B={b}")
+    gen = torch.Generator().manual_seed(args.seed)
+    lists = [torch.randperm(k, generator=gen)[:size].tolist() for _ in range(m)]
+    t_index, groups = timed(lambda: GroupIndex.from_lists(lists, k, device=dev), dev)
+    held = sum(
+        t.numel() * t.element_size()
+        for t in (groups.members, groups.offsets, groups.class_groups, groups.class_offsets)
+    )
+    print(
+        f"    group index: {t_index:.2f} s to build, {held / 2**20:.1f} MiB (a dense (M, K) "
+        f"membership would be {m * k / 2**20:.0f} MiB of booleans); classes covered "
+        f"{int((groups.coverage > 0).sum()):,}, max coverage {int(groups.coverage.max())}"
+    )
+    for top_n in sorted({1, args.top_n, 3}):
+        logits = 3.0 * torch.randn(b, k, generator=gen, dtype=torch.float64)
+        p_g = torch.softmax(logits, 1).to(dev)
+        pairs = gate(p_g, groups, top_n=top_n)
+        t_gate = statistics.median(
+            timed(lambda p=p_g, n=top_n: gate(p, groups, top_n=n), dev)[0]
+            for _ in range(args.repeats)
+        )
+        members = [groups.members[groups.offsets[s] : groups.offsets[s + 1]] for s in range(m)]
+        idx = torch.stack([members[s] for s in pairs.specs.tolist()])  # (A, S)
+        inside = p_g[pairs.rows].gather(1, idx)
+        seen = torch.cat([inside, (1 - inside.sum(1, keepdim=True)).clamp_min(1e-12)], 1)
+        noise = torch.randn(seen.shape, generator=gen, dtype=torch.float64).to(dev)
+        spec = torch.softmax(seen.log() + noise, 1)
+        print(
+            f"    top-{top_n} gating: {t_gate * 1e3:.2f} ms per batch, {pairs.n_pairs} active "
+            f"pairs ({pairs.n_pairs / b:.2f} specialists per image)"
+        )
+        for dtype in (torch.float32, torch.float64):
+            t_em, em = bench_em(p_g.to(dtype), spec.to(dtype), pairs, groups, args.repeats, dev)
+            print(
+                f"      EM {str(dtype)[6:]:7s}: {t_em * 1e3:8.1f} ms per batch, "
+                f"{(t_em + t_gate) / b * 1e6:.0f} us per image with gating, {em.n_iter} "
+                f"iterations, converged={em.converged}"
+            )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"    peak memory of the process (ru_maxrss): {peak:.2f} GiB")
 
 
 if __name__ == "__main__":

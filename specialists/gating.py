@@ -3,6 +3,10 @@
 ``GroupIndex`` holds M class groups over K classes (possibly overlapping; a class may be in none);
 ``gate`` turns the generalist's probabilities into the active (example, specialist) pairs: those
 whose group holds one of the generalist's top-n classes (the paper's gate is n = 1).
+
+Membership is held sparsely, both ways round: the classes of each group, and the groups of each
+class (compressed rows), so memory is O(K + sum of group sizes), not O(M K): at 100,000 classes
+in 300 groups that is a few MB, and gating a batch costs O(B n c) for c groups per class.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ __all__ = ["ActivePairs", "GroupIndex", "gate"]
 
 @dataclass(frozen=True, eq=False)
 class GroupIndex:
-    """M class groups over K classes, in two forms: concatenated sorted index lists (for the
-    combiner) and a boolean membership matrix (for gating). Groups may overlap; a class may be
-    in no group."""
+    """M class groups over K classes, in two sparse forms: the classes of each group (for the
+    combiner) and the groups of each class (for gating). Groups may overlap; a class may be in
+    no group."""
 
     n_classes: int
     members: Tensor  # (G,) long: sorted classes of group 0, then group 1, ...
     offsets: Tensor  # (M + 1,) long: group m is members[offsets[m]:offsets[m + 1]]
-    membership: Tensor  # (M, K) bool
+    class_groups: Tensor  # (G,) long: groups of class 0 (ascending), then of class 1, ...
+    class_offsets: Tensor  # (K + 1,) long: class c is in class_groups[class_offsets[c]:...[c + 1]]
 
     @classmethod
     def from_lists(
@@ -53,9 +58,17 @@ class GroupIndex:
         offsets = torch.zeros(len(lists) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(sizes, 0)
         members = torch.tensor([c for g in lists for c in g], dtype=torch.long)
-        membership = torch.zeros(len(lists), n_classes, dtype=torch.bool)
-        membership[torch.repeat_interleave(torch.arange(len(lists)), sizes), members] = True
-        return cls(n_classes, members.to(device), offsets.to(device), membership.to(device))
+        group_of = torch.repeat_interleave(torch.arange(len(lists)), sizes)  # (G,)
+        order = torch.argsort(members * max(len(lists), 1) + group_of)  # by class, then group
+        class_offsets = torch.zeros(n_classes + 1, dtype=torch.long)
+        class_offsets[1:] = torch.cumsum(torch.bincount(members, minlength=n_classes), 0)
+        return cls(
+            n_classes,
+            members.to(device),
+            offsets.to(device),
+            group_of[order].to(device),
+            class_offsets.to(device),
+        )
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -72,7 +85,29 @@ class GroupIndex:
     @property
     def coverage(self) -> Tensor:
         """(K,) long: how many groups contain each class (0 = covered by no specialist)."""
-        return self.membership.sum(0)
+        return self.class_offsets[1:] - self.class_offsets[:-1]
+
+    @property
+    def membership(self) -> Tensor:
+        """(M, K) bool, made on request: for inspection of small problems (it is O(M K))."""
+        dense = torch.zeros(len(self), self.n_classes, dtype=torch.bool, device=self.device)
+        dense[
+            torch.repeat_interleave(torch.arange(len(self), device=self.device), self.sizes),
+            self.members,
+        ] = True
+        return dense
+
+    def groups_of(self, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """The groups of each of ``classes`` (N,): (index into ``classes`` (P,), group (P,)),
+        P being the total coverage of the N classes, in order of ``classes``, then group."""
+        start = self.class_offsets[classes]
+        counts = self.class_offsets[classes + 1] - start
+        which = torch.repeat_interleave(
+            torch.arange(classes.numel(), device=classes.device), counts
+        )
+        first = torch.cumsum(counts, 0) - counts  # where each class's run starts in the output
+        within = torch.arange(which.numel(), device=classes.device) - first[which]
+        return which, self.class_groups[start[which] + within]
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +128,8 @@ class GroupIndex:
             self.n_classes,
             self.members.to(device),
             self.offsets.to(device),
-            self.membership.to(device),
+            self.class_groups.to(device),
+            self.class_offsets.to(device),
         )
 
 
@@ -131,10 +167,16 @@ def gate(
         raise ValueError(f"p_g must be (B, {groups.n_classes}), got {tuple(p_g.shape)}")
     if not 1 <= top_n <= groups.n_classes:
         raise ValueError(f"top_n must be in [1, {groups.n_classes}], got {top_n}")
-    membership = groups.to(p_g.device).membership  # (M, K)
-    top = p_g.topk(top_n, dim=1).indices  # (B, n)
-    active = membership[:, top].any(dim=2)  # (M, B)
-    if confidence is not None:
-        active &= (p_g.max(dim=1).values < confidence)[None, :]
-    specs, rows = active.nonzero(as_tuple=True)  # row-major: sorted by spec, then row
-    return ActivePairs(rows, specs)
+    groups = groups.to(p_g.device)
+    top = p_g.topk(top_n, dim=1)  # (B, n)
+    classes = top.indices.reshape(-1)  # (B n,): example b's top classes at b n ... b n + n - 1
+    if confidence is not None:  # the cascade: sure examples gate nothing
+        classes = classes[(top.values[:, 0] < confidence).repeat_interleave(top_n)]
+        rows_of = torch.nonzero(top.values[:, 0] < confidence).squeeze(1).repeat_interleave(top_n)
+    else:
+        rows_of = torch.arange(p_g.shape[0], device=p_g.device).repeat_interleave(top_n)
+    which, specs = groups.groups_of(classes)
+    # one pair per (specialist, example) even when several top classes share a group; the key's
+    # sort is by specialist, then row
+    key = torch.unique(specs * p_g.shape[0] + rows_of[which])
+    return ActivePairs(key % p_g.shape[0], key // p_g.shape[0])

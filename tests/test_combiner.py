@@ -73,6 +73,47 @@ def test_group_index_from_lists():
             GroupIndex.from_lists(bad, n_classes=6)
 
 
+@pytest.mark.parametrize("top_n", [1, 3, 7])
+@pytest.mark.parametrize("confidence", [None, 0.02])
+def test_sparse_gate_matches_the_dense_membership_rule(top_n, confidence):
+    """Gating through the groups of each class gives exactly the pairs of the dense rule
+    "group m holds one of b's top-n classes", sorted by specialist, then row."""
+    gen = torch.Generator().manual_seed(top_n)
+    k = 200
+    lists = [
+        torch.randperm(k, generator=gen)[: int(torch.randint(1, 20, (1,), generator=gen))].tolist()
+        for _ in range(30)
+    ]
+    groups = GroupIndex.from_lists(lists, k)
+    p = torch.softmax(2 * torch.randn(64, k, generator=gen, dtype=F64), 1)
+    active = groups.membership[:, p.topk(top_n, 1).indices].any(2)  # (M, B), the dense rule
+    if confidence is not None:
+        active &= (p.max(1).values < confidence)[None, :]
+    specs, rows = active.nonzero(as_tuple=True)
+    pairs = gate(p, groups, top_n, confidence)
+    assert torch.equal(pairs.rows, rows) and torch.equal(pairs.specs, specs)
+
+
+def test_group_index_at_100000_classes_is_sparse():
+    """300 overlapping groups of 600 over 100,000 classes: the index holds O(K + sum |S|)
+    integers (a dense membership would be 30 MB of booleans) and gates a batch."""
+    gen = torch.Generator().manual_seed(0)
+    k, m, size = 100_000, 300, 600
+    lists = [torch.randperm(k, generator=gen)[:size].tolist() for _ in range(m)]
+    groups = GroupIndex.from_lists(lists, k)
+    held = sum(
+        t.numel()
+        for t in (groups.members, groups.offsets, groups.class_groups, groups.class_offsets)
+    )
+    assert held == 2 * m * size + m + 1 + k + 1
+    assert int(groups.coverage.sum()) == m * size
+    p = torch.softmax(torch.randn(64, k, generator=gen), 1)
+    pairs = gate(p, groups, top_n=2)
+    top = p.topk(2, 1).indices
+    for row, spec in zip(pairs.rows.tolist(), pairs.specs.tolist(), strict=True):
+        assert set(top[row].tolist()) & set(lists[spec])
+
+
 TOY_GROUPS = [[0, 1, 2], [2, 3], [4], [1, 5]]
 TOY_P = torch.tensor(
     [
