@@ -117,9 +117,9 @@ def sketch_columns(
     rng = np.random.default_rng(seed)
     dt = np.float32 if m.dtype == np.float32 else np.float64
     s = inv_norms.astype(dt)[:, None]  # (K, 1)
-    shift = np.zeros((len(m), 1), dt)
+    shift = np.zeros((m.shape[0], 1), dt)
     if diag is not None:
-        shift[:, 0] = diag - np.diagonal(m)
+        shift[:, 0] = diag - (np.diagonal(m) if isinstance(m, np.ndarray) else m.diagonal())
 
     def prod(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # M' @ b with a = M or M.T
         return a @ b + shift * b
@@ -128,7 +128,7 @@ def sketch_columns(
         with single_thread():  # threaded LAPACK QR of a thin matrix: 10x slower on a busy host
             return np.linalg.qr(a)[0]
 
-    q = orth(prod(m, s * rng.standard_normal((len(m), dim), dtype=dt)))  # (K, d)
+    q = orth(prod(m, s * rng.standard_normal((m.shape[0], dim), dtype=dt)))  # (K, d)
     for _ in range(n_power):
         z = orth(s * prod(m.T, q))
         q = orth(prod(m, s * z))

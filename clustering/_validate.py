@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 
 _CHECK_ROWS = 512  # rows per chunk when scanning a big matrix, so no K x K temporary is made
 
@@ -40,7 +41,12 @@ def check_labels(labels: np.ndarray, n_rows: int, n_classes: int) -> np.ndarray:
 
 
 def check_matrix(matrix: np.ndarray, name: str = "matrix") -> np.ndarray:
-    """Return a square K x K float matrix (K >= 2) without copying float input; reject NaN/inf."""
+    """Return a square K x K float matrix (K >= 2) without copying float input; reject NaN/inf.
+
+    A scipy.sparse matrix comes back as a canonical ``csr_array`` (see ``check_sparse_matrix``).
+    """
+    if sparse.issparse(matrix):
+        return check_sparse_matrix(matrix, name)
     arr = np.asarray(matrix)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
         raise ValueError(f"{name} must be square (K x K), got shape {arr.shape}")
@@ -54,6 +60,29 @@ def check_matrix(matrix: np.ndarray, name: str = "matrix") -> np.ndarray:
         if not np.isfinite(arr[r0 : r0 + _CHECK_ROWS]).all():
             raise ValueError(f"{name} contains NaN or inf values")
     return arr
+
+
+def check_sparse_matrix(matrix, name: str = "matrix") -> sparse.csr_array:
+    """Return a square K x K (K >= 2) float scipy.sparse matrix as a ``csr_array`` with sorted
+    indices and no duplicate entries (a copy only when the input is not already so); reject
+    NaN/inf. Integer counts become float32, as dense ones do."""
+    shape = matrix.shape
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"{name} must be square (K x K), got shape {shape}")
+    if shape[0] < 2:
+        raise ValueError(f"{name} must cover at least 2 classes, got {shape[0]}")
+    dtype = matrix.dtype
+    if not np.issubdtype(dtype, np.floating):
+        if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+            raise ValueError(f"{name} must be real-valued, got dtype {dtype}")
+        dtype = np.float32
+    out = sparse.csr_array(matrix, dtype=dtype)
+    if not out.has_canonical_format:
+        out = out.copy()  # may share its arrays with the caller's matrix
+        out.sum_duplicates()  # sorts the indices too
+    if not np.isfinite(out.data).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return out
 
 
 def check_groups(groups: list, n_classes: int) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _matrix
+from ._ops import matrix_ops
 from ._validate import check_matrix
 from .estimator import ConfusionClustering
 from .metrics import confusion_captured, expected_random_captured
@@ -79,7 +79,7 @@ def choose_grouping(
     specialists (the paper: 61 groups of 300 over 15,000 classes, i.e. overlap 1.2).
     """
     m = check_matrix(matrix)
-    k = len(m)
+    k = m.shape[0]
     if n_classes is not None and n_classes != k:
         raise ValueError(f"n_classes={n_classes} but the matrix is {k} x {k}")
     top_m = estimator_params.pop("top_m", None)  # applied to the chosen grouping only
@@ -93,7 +93,7 @@ def choose_grouping(
         )
     if mode not in ("disjoint", "overlapping"):
         raise ValueError(f"mode must be 'disjoint' or 'overlapping', got {mode!r}")
-    if _matrix.total_mass(m) <= 0:
+    if matrix_ops(m).total_mass(m) <= 0:
         raise ValueError("the matrix has no positive off-diagonal mass: no confusion to group")
 
     params = dict(method=method, n_init=n_init, random_state=random_state, **estimator_params)

@@ -6,6 +6,13 @@ and k-means then returns one giant group plus singletons; docs/design.md, "Findi
 defaults"). Beyond ``max_dense_classes`` the points are a low-rank sketch of the columns, so
 K = 15,000 costs a few products of the matrix with a thin block rather than k-means in 15,000
 dimensions.
+
+The matrix may also be scipy.sparse (``TopKStats.second_moment()`` at K = 100,000): the same
+steps then run on the stored entries only (``_sparse``), and the sketch's products are sparse
+ones, so no dense K x K array is made. This randomised subspace iteration was measured against a
+plain Gaussian random projection of the normalised sparse columns (one product, no QR) on
+100,000 classes in 333 planted groups: it recovered them exactly where the projection reached
+ARI 0.94-0.96 (256 or 666 dimensions), for about a minute more on one core.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import warnings
 from typing import Literal
 
 import numpy as np
+from scipy import sparse
 from sklearn.base import BaseEstimator
 
-from . import _matrix
+from . import _matrix, _sparse
 from ._assign import nearest_groups, sized_groups
 from ._kmeans import kmeans, sq_distances
+from ._ops import matrix_ops
 from ._threads import SERIAL_WORK, single_thread
 from ._validate import as_seed, check_matrix
 
@@ -61,13 +70,18 @@ class ConfusionClustering(BaseEstimator):
         the columns (default max(256, 2 * n_groups)); spectral uses a sparse neighbour graph.
     random_state: seed; the same seed gives identical groups.
 
+    A scipy.sparse matrix is clustered the same way without being densified (columns as dense
+    points only up to ``max_dense_classes``, 64 MiB at most; above, the sketch); spectral then
+    embeds the sparse graph as given, without ``n_neighbors`` pruning.
+
     Learned attributes: ``groups_`` (sorted class lists ranked by confusion mass, highest first),
     ``group_mass_`` (share of the total positive off-diagonal mass inside each group),
     ``labels_`` (disjoint mode: group rank per class, -1 if dropped by ``top_m``; None when
     overlapping), ``coverage_`` (number of groups holding each class), ``centroids_`` (in the
     clustered space), ``inertia_`` (sum of squared distances of classes to their group's
     centroid; overlapping: to the nearest centroid), ``n_classes_``, ``total_mass_``,
-    ``n_features_`` (dimension of the clustered space) and ``sketched_``.
+    ``n_features_`` (dimension of the clustered space), ``sketched_`` and ``sparse_`` (the
+    matrix was scipy.sparse).
     """
 
     def __init__(
@@ -105,18 +119,21 @@ class ConfusionClustering(BaseEstimator):
         self.sketch_dim = sketch_dim
         self.random_state = random_state
 
-    def fit(self, matrix: np.ndarray, y: None = None) -> ConfusionClustering:
-        """Cluster the columns of ``matrix`` (K x K covariance or confusion); returns self."""
+    def fit(self, matrix: np.ndarray | sparse.sparray, y: None = None) -> ConfusionClustering:
+        """Cluster the columns of ``matrix`` (K x K covariance, second moment or confusion,
+        dense or scipy.sparse); returns self."""
         m = check_matrix(matrix)
-        k = len(m)
+        k = m.shape[0]
         self._check_params(k)
         with single_thread(k * k * self.n_groups < SERIAL_WORK):
             return self._fit(m, as_seed(self.random_state))
 
-    def _fit(self, m: np.ndarray, seed: int) -> ConfusionClustering:
-        k = len(m)
+    def _fit(self, m: np.ndarray | sparse.csr_array, seed: int) -> ConfusionClustering:
+        k = m.shape[0]
+        ops = matrix_ops(m)
+        self.sparse_ = sparse.issparse(m)
         if self.symmetrize:
-            m = _matrix.symmetrized(m)
+            m = ops.symmetrized(m)
         points = self._points(m, seed)
         centroids, labels, inertia = kmeans(
             points, self.n_groups, n_init=self.n_init, n_iter=self.n_iter, seed=seed
@@ -131,8 +148,8 @@ class ConfusionClustering(BaseEstimator):
             groups = nearest_groups(sq_distances(points, centroids), self.group_size)
             groups, centroids = _dedupe(groups, centroids)
 
-        self.total_mass_ = _matrix.total_mass(m)
-        mass = np.array([_matrix.group_mass(m, g) for g in groups])
+        self.total_mass_ = ops.total_mass(m)
+        mass = np.array([ops.group_mass(m, g) for g in groups])
         mass = mass / self.total_mass_ if self.total_mass_ > 0 else np.zeros(len(groups))
         order = sorted(range(len(groups)), key=lambda g: (-mass[g], int(groups[g][0])))
         order = order[: self.top_m] if self.top_m is not None else order
@@ -161,20 +178,25 @@ class ConfusionClustering(BaseEstimator):
         )
         return self
 
-    def _points(self, m: np.ndarray, seed: int) -> np.ndarray:
+    def _points(self, m: np.ndarray | sparse.csr_array, seed: int) -> np.ndarray:
         """The classes as points: (normalised) columns, their sketch, or a spectral embedding."""
-        k = len(m)
+        k = m.shape[0]
+        ops = matrix_ops(m)
         self.sketched_ = k > self.max_dense_classes
         if self.method == "spectral":
             from sklearn.manifold import spectral_embedding
 
-            n_nb = None
-            if self.sketched_:
-                n_nb = max(10, 2 * math.ceil(k / self.n_groups), self.group_size or 0)
+            if self.sparse_:
+                graph = _sparse.affinity(m)
+            else:
+                n_nb = None
+                if self.sketched_:
+                    n_nb = max(10, 2 * math.ceil(k / self.n_groups), self.group_size or 0)
+                graph = _matrix.affinity(m, n_nb)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 emb = spectral_embedding(
-                    _matrix.affinity(m, n_nb),
+                    graph,
                     n_components=self.n_groups,
                     random_state=seed,
                     drop_first=False,
@@ -182,8 +204,8 @@ class ConfusionClustering(BaseEstimator):
             for w in caught:  # e.g. "not fully connected": expected when groups are separate
                 logger.info("spectral embedding: %s", w.message)
             return _unit_rows(emb)  # as Ng, Jordan & Weiss (2002)
-        diag = _matrix.max_offdiag(m) if self.diagonal == "max" else None
-        norms = _matrix.column_norms(m, diag) if self.normalize else np.ones(k)
+        diag = ops.max_offdiag(m) if self.diagonal == "max" else None
+        norms = ops.column_norms(m, diag) if self.normalize else np.ones(k)
         if self.normalize and (norms == 0).any():
             logger.warning(
                 "%d classes have an all-zero column (never predicted or confused); their "
@@ -198,7 +220,7 @@ class ConfusionClustering(BaseEstimator):
             # Projection shortens some columns more than others, and a short point is near every
             # centroid (it would join every overlapping group): back to unit length.
             return _unit_rows(pts) if self.normalize else pts
-        return _matrix.normalized_columns(m, inv, diag)
+        return ops.normalized_columns(m, inv, diag)
 
     def _check_params(self, k: int) -> None:
         def positive_int(name: str, value: object, allow_none: bool = False) -> None:

@@ -4,14 +4,16 @@ groups, and per-group statistics.
 "Confusion mass" is the positive off-diagonal part of the matrix: counts of mistakes for a
 confusion matrix, positive covariances (classes predicted together) for a covariance. A pair of
 classes is captured when some group holds both; overlapping groups count each pair once.
+Every function takes a dense array or a scipy.sparse matrix (worked on without densifying).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from . import _matrix
+from ._ops import matrix_ops
 from ._validate import as_seed, check_groups, check_matrix
 
 __all__ = [
@@ -25,20 +27,23 @@ __all__ = [
 ]
 
 Groups = list[list[int]] | list[np.ndarray]
+Matrix = np.ndarray | sparse.sparray | sparse.spmatrix
 
 
-def confusion_mass(matrix: np.ndarray) -> float:
+def confusion_mass(matrix: Matrix) -> float:
     """Sum of the positive off-diagonal entries: the confusion mass a grouping can capture."""
-    return _matrix.total_mass(check_matrix(matrix))
+    m = check_matrix(matrix)
+    return matrix_ops(m).total_mass(m)
 
 
-def confusion_captured(matrix: np.ndarray, groups: Groups) -> float:
+def confusion_captured(matrix: Matrix, groups: Groups) -> float:
     """Share of the positive off-diagonal mass on pairs of classes that share a group, in [0, 1]."""
     m = check_matrix(matrix)
-    total = _matrix.total_mass(m)
+    ops = matrix_ops(m)
+    total = ops.total_mass(m)
     if total <= 0:
         return 0.0
-    return min(1.0, _matrix.shared_mass(m, check_groups(groups, len(m))) / total)
+    return min(1.0, ops.shared_mass(m, check_groups(groups, m.shape[0])) / total)
 
 
 def _disjoint(groups: list[np.ndarray]) -> bool:
@@ -47,7 +52,7 @@ def _disjoint(groups: list[np.ndarray]) -> bool:
 
 
 def random_split_baseline(
-    matrix: np.ndarray, groups: Groups, *, n_repeats: int = 5, random_state: int = 0
+    matrix: Matrix, groups: Groups, *, n_repeats: int = 5, random_state: int = 0
 ) -> tuple[float, float]:
     """Confusion captured by random groups of the same sizes: (mean, std) over seeded repeats.
 
@@ -55,11 +60,12 @@ def random_split_baseline(
     replacement); overlapping groups by independent random subsets of the same sizes.
     """
     m = check_matrix(matrix)
-    k = len(m)
+    ops = matrix_ops(m)
+    k = m.shape[0]
     groups = check_groups(groups, k)
     sizes = [len(g) for g in groups]
     rng = np.random.default_rng(as_seed(random_state))
-    total = _matrix.total_mass(m)
+    total = ops.total_mass(m)
     scores = []
     for _ in range(n_repeats):
         if _disjoint(groups):
@@ -68,7 +74,7 @@ def random_split_baseline(
             fake = [perm[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
         else:
             fake = [rng.choice(k, size=s, replace=False) for s in sizes]
-        scores.append(min(1.0, _matrix.shared_mass(m, fake) / total) if total > 0 else 0.0)
+        scores.append(min(1.0, ops.shared_mass(m, fake) / total) if total > 0 else 0.0)
     return float(np.mean(scores)), float(np.std(scores))
 
 
@@ -110,26 +116,27 @@ def coarse_agreement(groups: Groups, coarse: np.ndarray) -> dict[str, float]:
     }
 
 
-def group_stats(
-    matrix: np.ndarray, groups: Groups, confusion: np.ndarray | None = None
-) -> list[dict]:
+def group_stats(matrix: Matrix, groups: Groups, confusion: Matrix | None = None) -> list[dict]:
     """Per group: size, confusion mass held (absolute and share of the total) and, given the
     generalist's confusion counts (rows = true class, e.g. ``PredictionStats.confusion()``), the
     number of examples whose true class is in the group and the generalist's accuracy on them.
     """
     m = check_matrix(matrix)
-    k = len(m)
+    ops = matrix_ops(m)
+    k = m.shape[0]
     groups = check_groups(groups, k)
-    total = _matrix.total_mass(m)
+    total = ops.total_mass(m)
     if confusion is not None:
         confusion = check_matrix(confusion, "confusion")
         if confusion.shape != m.shape:
             raise ValueError(f"confusion must be {m.shape}, got {confusion.shape}")
-        rows = confusion.sum(1, dtype=np.float64)
-        diag = np.diagonal(confusion).astype(np.float64)
+        rows = np.asarray(confusion.sum(1, dtype=np.float64)).ravel()
+        diag = (
+            confusion.diagonal() if sparse.issparse(confusion) else np.diagonal(confusion)
+        ).astype(np.float64)
     out = []
     for g in groups:
-        mass = _matrix.group_mass(m, g)
+        mass = ops.group_mass(m, g)
         row: dict = {
             "size": len(g),
             "mass": mass,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy import sparse
 
 from ._validate import check_groups, check_matrix
 
@@ -61,14 +62,18 @@ def grouped_matrix_figure(
     it; this package writes no files).
 
     The diagonal is blanked (it would set the colour scale) and the scale is clipped at the 99th
-    percentile of the off-diagonal.
+    percentile of the off-diagonal. A scipy.sparse matrix is read for the classes shown only.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     m = check_matrix(matrix)
-    order, blocks = grouped_order(groups, len(m), max_classes)
-    sub = m[np.ix_(order, order)].astype(np.float64)
+    k = m.shape[0]
+    order, blocks = grouped_order(groups, k, max_classes)
+    if sparse.issparse(m):
+        sub = m[order][:, order].toarray().astype(np.float64)
+    else:
+        sub = m[np.ix_(order, order)].astype(np.float64)
     np.fill_diagonal(sub, np.nan)
     off = sub[np.isfinite(sub)]
     vmax = float(np.percentile(np.abs(off), 99)) if off.size else 1.0
@@ -93,7 +98,7 @@ def grouped_matrix_figure(
     else:
         ax.set_xticks([])
         ax.set_yticks([])
-    shown = f"{len(order)} of {len(m)} classes" if len(order) < len(m) else f"{len(m)} classes"
+    shown = f"{len(order)} of {k} classes" if len(order) < k else f"{k} classes"
     ax.set_title(title or f"{len(blocks)} groups, {shown}, ordered by group", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig

@@ -205,6 +205,15 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-m", type=int, help="keep only the M groups holding the most confusion")
     p.add_argument("--n-init", type=int, help="k-means restarts, best objective kept (default 5)")
     p.add_argument("--seed", type=int, help="k-means seed (default 0)")
+    p.add_argument(
+        "--statistics",
+        choices=["auto", "dense", "sparse"],
+        help="auto (default): the dense K x K covariance where it fits in memory, else sparse "
+        "statistics of each prediction's top --top-k classes (printed, with the reason)",
+    )
+    p.add_argument(
+        "--top-k", type=int, help="sparse statistics: classes kept per prediction (default 10)"
+    )
 
 
 def _cluster(args: argparse.Namespace) -> int:

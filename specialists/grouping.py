@@ -18,9 +18,11 @@ from .artifacts import generalist_record
 from .clustering import (
     ConfusionClustering,
     PredictionStats,
+    TopKStats,
     build_report,
     choose_grouping,
     confusion_mass,
+    dense_fits,
     grouped_matrix_figure,
 )
 from .errors import SpecialistsError
@@ -31,6 +33,10 @@ from .storage import load_npy, save_figure, save_json
 __all__ = ["ClusterConfig", "cluster_run", "summarize_clusters"]
 
 log = logging.getLogger(__name__)
+
+# Above this many classes the number of groups must be given with sparse statistics: choosing it
+# fits the grouping at each candidate count, about 5 minutes each at 100,000 classes
+CHOOSER_MAX_CLASSES = 20_000
 
 
 @dataclass
@@ -50,6 +56,12 @@ class ClusterConfig:
     top_m: int | None = None  # keep the M groups holding the most confusion
     n_init: int = 5
     seed: int = 0
+    # auto: dense K x K statistics where they fit in memory, else sparse top-k ones (printed with
+    # the reason) | dense | sparse
+    statistics: str = "auto"
+    top_k: int = (
+        10  # sparse statistics: classes kept per prediction (the rest's mass is one number)
+    )
 
     def __post_init__(self) -> None:
         if self.matrix not in ("covariance", "confusion"):
@@ -58,6 +70,42 @@ class ClusterConfig:
             raise ValueError(f"method must be kmeans or spectral, got {self.method!r}")
         if self.mode not in ("disjoint", "overlapping"):
             raise ValueError(f"mode must be disjoint or overlapping, got {self.mode!r}")
+        if self.statistics not in ("auto", "dense", "sparse"):
+            raise ValueError(f"statistics must be auto, dense or sparse, got {self.statistics!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+def _use_sparse(cfg: ClusterConfig, k: int) -> tuple[bool, str]:
+    """Whether to gather sparse top-k statistics, and the sentence that says why."""
+    if cfg.statistics == "dense":
+        return False, f"dense statistics of {k:,} classes (asked for)"
+    if cfg.statistics == "sparse":
+        return True, f"sparse top-{cfg.top_k} statistics of {k:,} classes (asked for)"
+    fits, reason = dense_fits(k, top_k=cfg.top_k)
+    return not fits, reason
+
+
+def _dense_matrix(stats: PredictionStats, cfg: ClusterConfig, confusion: np.ndarray, run: RunDir):
+    """The K x K matrix the dense path clusters, and its kind."""
+    matrix = stats.covariance() if cfg.matrix == "covariance" else confusion.astype(np.float64)
+    matrix_kind = cfg.matrix
+    if cfg.matrix == "covariance" and confusion_mass(matrix) <= 0:
+        # A confident generalist over few classes: its outputs share a simplex, so every pair of
+        # classes co-varies less than independent outputs would (cov_ij = E[p_i p_j] - mu_i mu_j
+        # < 0) even where it confuses them. Measure co-prediction against a perfect classifier
+        # with the same class frequencies instead: cov + mu mu^T = E[p p^T], whose off-diagonal
+        # is the soft confusion mass E[p_i p_j].
+        mean = stats.mean()
+        matrix += np.outer(mean, mean)  # in place: the covariance is ours, and K x K
+        matrix_kind = "second moment"
+        log.warning(
+            "%s: the covariance of the predictions has no positive off-diagonal entry (a confident "
+            "generalist over %d classes); grouping on the second moment E[p p^T] instead",
+            run.val_probs,
+            stats.n_classes,
+        )
+    return matrix, matrix_kind
 
 
 def _load_predictions(run: RunDir, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +113,7 @@ def _load_predictions(run: RunDir, n_classes: int) -> tuple[np.ndarray, np.ndarr
         raise SpecialistsError(
             f"{run.val_probs}: the generalist's validation predictions are missing (retrain with `specialists generalist --force`)"
         )
-    probs = load_npy(run.val_probs)
+    probs = load_npy(run.val_probs, mmap=True)  # read batch by batch, never all in memory
     labels = load_npy(run.val_labels)
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise SpecialistsError(
@@ -98,31 +146,39 @@ def cluster_run(
         )
     manifest.verify(run.root, run.val_probs, run.val_labels)
     probs, labels = _load_predictions(run, k)
-    stats = PredictionStats(k)
+    sparse_stats, why = _use_sparse(cfg, k)
+    log.info("%s", why)
+    stats = TopKStats(k, min(cfg.top_k, k)) if sparse_stats else PredictionStats(k)
     try:
         for start in range(0, len(probs), batch_size):  # streaming: the accumulator never holds P
-            stats.update(probs[start : start + batch_size], labels[start : start + batch_size])
+            stats.update(
+                np.asarray(probs[start : start + batch_size]), labels[start : start + batch_size]
+            )
     except ValueError as e:
         raise SpecialistsError(f"{run.val_probs}: {e}") from e
     confusion = stats.confusion()
-    matrix = stats.covariance() if cfg.matrix == "covariance" else confusion.astype(np.float64)
-    matrix_kind = cfg.matrix
-    if cfg.matrix == "covariance" and confusion_mass(matrix) <= 0:
-        # A confident generalist over few classes: its outputs share a simplex, so every pair of
-        # classes co-varies less than independent outputs would (cov_ij = E[p_i p_j] - mu_i mu_j
-        # < 0) even where it confuses them. Measure co-prediction against a perfect classifier
-        # with the same class frequencies instead: cov + mu mu^T = E[p p^T], whose off-diagonal
-        # is the soft confusion mass E[p_i p_j].
-        mean = stats.mean()
-        matrix += np.outer(mean, mean)  # in place: the covariance is ours, and K x K
-        matrix_kind = "second moment"
-        log.warning(
-            "%s: the covariance of the predictions has no positive off-diagonal entry (a confident "
-            "generalist over %d classes); grouping on the second moment E[p p^T] instead",
-            run.val_probs,
-            k,
+    statistics = {"kind": "dense", "reason": why}
+    if sparse_stats:
+        # the second moment of the top-k predictions (its mean outer product, dense, is left out:
+        # ~1/K^2 per pair, see specialists.clustering.sparse)
+        matrix, matrix_kind = stats.second_moment(), "second moment"
+        statistics = {
+            "kind": f"sparse top-{stats.k}",
+            "reason": why,
+            "captured_mass": round(stats.captured_mass(), 6),
+            "nonzeros": int(matrix.nnz),
+        }
+        if cfg.matrix == "confusion":
+            matrix, matrix_kind = confusion.astype(np.float64), "confusion"
+    else:
+        matrix, matrix_kind = _dense_matrix(stats, cfg, confusion, run)
+    if sparse_stats and cfg.n_groups is None and k > CHOOSER_MAX_CLASSES:
+        # the chooser fits the grouping at many candidate counts: minutes each at this size
+        raise SpecialistsError(
+            f"--n-groups: {k:,} classes are too many to choose the number of groups by trying "
+            f"counts; give it (the paper: groups of about 300 classes, here --n-groups "
+            f"{max(2, round(k / 300))})"
         )
-
     min_size = cfg.min_size
     if min_size is None:
         per_class = grec.metrics.get("n_train", 0) / k
@@ -179,6 +235,7 @@ def cluster_run(
         random_state=cfg.seed,
     )
     report["config"] = asdict(cfg)
+    report["statistics"] = statistics
     report["generalist_sha256"] = grec.weights_sha256
     save_json(run.clusters, report)
     figure = grouped_matrix_figure(

@@ -143,12 +143,13 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike) -> np.ndarray:
+def load_npy(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` array (``mmap``: memory-mapped read-only, read as it is used)."""
     path = Path(path)
     if not path.is_file():
         raise SpecialistsError(f"{path}: file not found")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise SpecialistsError(f"{path}: not a readable .npy array ({e})") from e
 

@@ -148,3 +148,46 @@ def test_a_confident_generalist_over_few_classes_is_grouped_on_the_second_moment
     # the default (group count chosen from the data) no longer stops at "no confusion to group"
     assert main(["cluster", str(out), "--quiet"]) == 0
     assert json.loads(run.clusters.read_text())["quality"]["confusion_captured"] > 0.5
+
+
+def test_sparse_statistics_when_dense_ones_do_not_fit(run_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """Where a dense K x K matrix would not fit in memory the step switches to sparse top-k
+    statistics by itself and says why; they group the tiny run as the dense ones do."""
+    import logging
+
+    from specialists.clustering import sparse as sparse_stats
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists", "clusters.json"))
+    assert main(["cluster", str(out), "--n-groups", "3", "--quiet"]) == 0
+    dense = json.loads(RunDir.of(out).clusters.read_text())
+    assert dense["statistics"]["kind"] == "dense"
+    monkeypatch.setattr(sparse_stats, "_available_memory", lambda: 4096)  # 4 KiB "free"
+    with caplog.at_level(logging.INFO, logger="specialists"):
+        assert main(["cluster", str(out), "--n-groups", "3", "--top-k", "4"]) == 0
+    assert "sparse top-4 statistics" in caplog.text and "available" in caplog.text
+    report = json.loads(RunDir.of(out).clusters.read_text())
+    assert report["statistics"]["kind"] == "sparse top-4"
+    assert 0.5 < report["statistics"]["captured_mass"] <= 1.0
+    assert report["matrix"] == "second moment"
+    groups = sorted(sorted(g["classes"]) for g in report["groups"])
+    assert groups == sorted(sorted(g["classes"]) for g in dense["groups"])
+    assert RunDir.of(out).clusters_png.stat().st_size > 1000
+    manifest.verify(out, RunDir.of(out).clusters, RunDir.of(out).clusters_png)
+
+
+def test_sparse_statistics_over_many_classes_need_the_group_count(
+    run_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    from specialists import grouping
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists", "clusters.json"))
+    monkeypatch.setattr(grouping, "CHOOSER_MAX_CLASSES", 10)  # the tiny run's 12 are "many"
+    assert main(["cluster", str(out), "--statistics", "sparse", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--n-groups" in err[0] and "too many to choose" in err[0]
+    assert not RunDir.of(out).clusters.exists()
