@@ -257,3 +257,19 @@ def test_cli_no_wait_names_the_writer(two_states, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "being written by `specialists train`" in lines[0], r.stderr
     assert not (out / "metrics.json").exists()  # it stopped before writing anything
+
+
+def test_a_specialist_changed_after_loading_is_refused_not_mixed_in(two_states, tmp_path):
+    """An ensemble loads its specialists on first use, after the lock is let go: one rewritten
+    meanwhile is an error naming it, never a model of another state in the answer."""
+    from specialists.ensemble import Ensemble
+
+    out = tmp_path / "run"
+    shutil.copytree(two_states["A"], out)
+    ens = Ensemble.load(out, "cpu")
+    assert len(ens.loaded) == 0  # nothing read yet
+    _copy_state(RunDir.of(two_states["B"]), RunDir.of(out), range(3))
+    assert ens.specialists  # calibrated with alpha=1: every specialist kept
+    with pytest.raises(SpecialistsError, match=r"00\d\.safetensors: changed since its ensemble"):
+        for m in range(len(ens.specialists)):
+            ens.specialist(m)
