@@ -1,5 +1,6 @@
 """Throughput of the ensemble, and of the distilled student where the run has one, relative to
-the generalist (top-n gating), measured in one run.
+the generalist (top-n gating), measured in one run; then where the ensemble's time goes, stage
+by stage, on one batch (``Ensemble.profile``).
 
     python benchmarks/bench_ensemble.py [RUN] [--top-n 1] [--images 4096]
 
@@ -62,6 +63,27 @@ def main() -> None:
         )
         print(
             f"generalist: {g:.0f} images/s; ensemble: {e:.0f} images/s; ensemble / generalist = {e / g:.2f}"
+        )
+        batch = images[: ens.batch_size]
+        stages = ens.profile(batch, repeats=args.repeats)
+        total = stages.pop("total")
+        print(f"one batch of {len(batch)} images, {1e3 * total:.1f} ms (median of {args.repeats}):")
+        specialists = {k: v for k, v in stages.items() if k.startswith("specialist")}
+        for name, seconds in stages.items():
+            if name not in specialists:
+                print(f"  {name:28s} {1e3 * seconds:8.2f} ms  {100 * seconds / total:5.1f}%")
+        spec = sum(v for k, v in specialists.items() if not k.endswith("input"))
+        views = sum(v for k, v in specialists.items() if k.endswith("input"))
+        n = sum(1 for k in specialists if not k.endswith("input"))
+        print(
+            f"  {f'{n} specialists, forward':28s} {1e3 * spec:8.2f} ms  {100 * spec / total:5.1f}%"
+        )
+        print(
+            f"  {'their inputs (row gathers)':28s} {1e3 * views:8.2f} ms  {100 * views / total:5.1f}%"
+        )
+        rest = total - sum(stages.values())
+        print(
+            f"  {'other (Python, bookkeeping)':28s} {1e3 * rest:8.2f} ms  {100 * rest / total:5.1f}%"
         )
         if RunDir.of(run).student().files.record.is_file():
             model, record, transform = load_student(run, ens.device)

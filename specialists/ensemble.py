@@ -9,6 +9,7 @@ retrained meanwhile is one clear error, never a mix of two states.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -45,6 +46,23 @@ def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2] == size and x.shape[-1] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class _Stopwatch:
+    """Adds the seconds its block took to ``into`` (synchronising CUDA before and after)."""
+
+    def __init__(self, into: list[float], device: torch.device) -> None:
+        self.into, self.cuda = into, device.type == "cuda"
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.into.append(time.perf_counter() - self.start)
 
 
 def _check_calibrated_on(
@@ -129,6 +147,7 @@ class Ensemble(nn.Module):
         # the side images must have at least: every consulted model resizes from them
         self.input_size = max([record.input_size] + [s.size(record) for s in self.specialists])
         self.loaded = nn.ModuleDict()  # specialist id (str) -> model, least recently used first
+        self._clock: dict[str, list[float]] | None = None  # stage -> seconds, while profiling
         self.eval()
 
     # -- loading ---------------------------------------------------------------------------------
@@ -380,15 +399,29 @@ class Ensemble(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
         """The generalist on ``x`` (its input), the gate, each active specialist on
         ``view(record, rows)`` (its input for those rows), the combiner."""
-        p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
-        pairs, per_specialist = self._route(p_g)
+        with self._stage("generalist"):
+            p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
+        with self._stage("gating"):
+            pairs, per_specialist = self._route(p_g)
         outputs = []
         for m, rows in enumerate(per_specialist):
             if len(rows):
                 rec = self.specialists[m]
-                logits = self.specialist(m)(view(rec, rows)).float() + self.offsets[m]
-                outputs.append(torch.softmax(logits, 1))
-        return self._fuse(p_g, outputs, pairs), p_g, pairs
+                with self._stage(f"specialist {rec.id} input"):
+                    inputs = view(rec, rows)
+                with self._stage(f"specialist {rec.id}"):
+                    logits = self.specialist(m)(inputs).float() + self.offsets[m]
+                    outputs.append(torch.softmax(logits, 1))
+        with self._stage("combiner"):
+            q = self._fuse(p_g, outputs, pairs)
+        return q, p_g, pairs
+
+    @torch.compiler.disable
+    def _stage(self, name: str):
+        """Time the block as stage ``name`` while :meth:`profile` runs (else nothing)."""
+        if self._clock is None:
+            return contextlib.nullcontext()
+        return _Stopwatch(self._clock.setdefault(name, []), self.device)
 
     # The routing and the combiner depend on the data (which rows, how many EM steps): under
     # torch.compile they run eagerly, and the members' forward passes are what gets compiled.
@@ -411,15 +444,39 @@ class Ensemble(nn.Module):
         x_all = self.check_images(images)
         qs, pgs, consulted = [], [], []
         for start in range(0, len(x_all), self.batch_size):
-            raw = x_all[start : start + self.batch_size].to(self.device)
-            q, p_g, pairs = self.combine_transformed(self.transform(raw), raw)
-            by_row: list[list[int]] = [[] for _ in range(len(raw))]
-            for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
-                by_row[r].append(self.specialists[s].id)
-            qs.append(q.cpu())
-            pgs.append(p_g.cpu())
-            consulted.extend(by_row)
+            with self._stage("input to device, transform"):
+                raw = x_all[start : start + self.batch_size].to(self.device)
+                x = self.transform(raw)
+            q, p_g, pairs = self.combine_transformed(x, raw)
+            with self._stage("outputs to host"):
+                by_row: list[list[int]] = [[] for _ in range(len(raw))]
+                for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
+                    by_row[r].append(self.specialists[s].id)
+                qs.append(q.cpu())
+                pgs.append(p_g.cpu())
+                consulted.extend(by_row)
         return EnsembleOutput(torch.cat(qs).numpy(), torch.cat(pgs).numpy(), consulted)
+
+    def profile(self, images: np.ndarray | torch.Tensor, repeats: int = 3) -> dict[str, float]:
+        """Where the time of ``run_batch(images)`` goes: seconds per stage (the generalist, the
+        gating, each consulted specialist's input and forward pass, the combiner, the copies),
+        the median over ``repeats`` runs after a warm-up, plus ``"total"``."""
+        self.run_batch(images)  # warm-up: specialists loaded, kernels chosen
+        totals: list[float] = []
+        clock: dict[str, list[float]] = {}
+        try:
+            for _ in range(repeats):
+                self._clock = {}
+                start = time.perf_counter()
+                self.run_batch(images)
+                totals.append(time.perf_counter() - start)
+                for name, seconds in self._clock.items():
+                    clock.setdefault(name, []).append(sum(seconds))
+        finally:
+            self._clock = None
+        out = {name: float(np.median(v + [0.0] * (repeats - len(v)))) for name, v in clock.items()}
+        out["total"] = float(np.median(totals))
+        return out
 
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Combined probabilities (N, K) for uint8 images (N, H, W, C) of at least

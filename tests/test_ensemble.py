@@ -131,6 +131,24 @@ def test_ensemble_outputs_are_distributions_and_batch_invariant(trained_run):
     assert ens.predict_proba(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape == (2, 12)
 
 
+def test_profile_names_every_stage_of_a_batch(trained_run):
+    """Where the time goes: the generalist, the gating, each consulted specialist (its input and
+    its forward pass), the combiner and the copies, each timed, none above the whole."""
+    ens = Ensemble.load(trained_run, combination=Combination())
+    images = load_data(TINY_DATA).test.images[:40]
+    consulted = {s for c in ens.run_batch(images).consulted for s in c}
+    stages = ens.profile(images, repeats=2)
+    expected = {"input to device, transform", "generalist", "gating", "combiner", "outputs to host"}
+    expected |= {f"specialist {s}" for s in consulted} | {
+        f"specialist {s} input" for s in consulted
+    }
+    assert set(stages) == expected | {"total"}
+    assert all(v >= 0 for v in stages.values())
+    assert sum(v for k, v in stages.items() if k != "total") <= stages["total"] * 1.05
+    assert ens._clock is None  # profiling leaves no timer behind
+    assert np.allclose(ens.predict_proba(images), ens.run_batch(images).q)
+
+
 def test_offline_scoring_matches_the_ensemble(trained_run):
     # calibration and the ablations score combinations from stored outputs; they must agree
     # with what the ensemble itself computes
