@@ -1,8 +1,9 @@
 """Confusion clusters: which classes does the generalist confuse, and how to group them.
 
 Pure numerics on prediction matrices (no model code): streaming covariance / confusion
-statistics (dense, or sparse top-k second moments for very many classes), a scikit-learn style clustering estimator (faiss k-means or spectral), a default
-chooser, quality metrics, the ``clusters.json`` report and a picture. This package writes no
+statistics (dense, or sparse top-k second moments for very many classes), a scikit-learn style
+clustering estimator (faiss k-means or spectral), a default chooser, quality metrics, the
+``clusters.json`` report and a picture. This package writes no
 files and imports nothing else of the project: it is the bottom layer (see docs/design.md).
 """
 

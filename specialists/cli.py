@@ -43,7 +43,7 @@ LOCKED = {
     "calibrate": "",
     "controls": "",
     "distill": "",
-    "export": "",
+    "export": "load",
     "run": "create",
     "demo": "create",
     "predict": "load",
@@ -58,6 +58,22 @@ def _no_wait(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _reading(args: argparse.Namespace):
+    """The run lock `predict` and `export` hold while they load the models (one state of the
+    run), then let go: a long prediction does not hold up a writer, and a specialist loaded later
+    must be the file read now (Ensemble.load)."""
+    from .lock import run_lock
+
+    RunDir.of(args.run).require_generalist()
+    return run_lock(
+        args.run,
+        f"specialists {args.command}",
+        wait=not args.no_wait,
+        reader=True,
+        say=lambda line: print(line, file=sys.stderr),
+    )
+
+
 def _locked(args: argparse.Namespace):
     """The run lock the command holds from start to end (a null context where none)."""
     import contextlib
@@ -68,6 +84,8 @@ def _locked(args: argparse.Namespace):
     if how is None or how == "load" or getattr(args, "print_config", False):
         return contextlib.nullcontext()
     root = args.run if args.command not in ("generalist", "run", "demo") else args.out
+    if how != "create":  # never a lock file in a folder that is not a run
+        RunDir.of(root).require_generalist()
     return run_lock(
         root,
         f"specialists {args.command}",
@@ -491,28 +509,13 @@ def _predict(args: argparse.Namespace) -> int:
     import contextlib
 
     from .export import is_export
-    from .lock import run_lock
     from .predict import list_images, predict_files
 
     files = list_images(args.images)
     if not files:
         raise SpecialistsError(f"no image files in {' '.join(args.images)}")
     exported = is_export(args.run)
-    # the models are read under the run's lock (one state of the run), then it is let go: a
-    # long prediction does not hold up a writer, and a specialist loaded later must be the file
-    # read now (Ensemble.load)
-    lock = (
-        contextlib.nullcontext()
-        if exported
-        else run_lock(
-            args.run,
-            "specialists predict",
-            wait=not args.no_wait,
-            reader=True,
-            say=lambda line: print(line, file=sys.stderr),
-        )
-    )
-    with lock:
+    with contextlib.nullcontext() if exported else _reading(args):
         predict, size, channels, names, data = _predictor(args, exported)
     summary = predict_files(
         predict,
@@ -564,7 +567,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .ensemble import Ensemble
 
-    ens = Ensemble.load(args.run, "cpu")
+    with _reading(args):
+        ens = Ensemble.load(args.run, "cpu")
+    # the files are copied after the lock is let go: each is checked against its checksum
     meta = ens.export(args.out, onnx=args.onnx, force=args.force)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     print(

@@ -170,6 +170,7 @@ class Ensemble(nn.Module):
         (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
         equal weights); ``top_n`` overrides its gating width."""
         run = RunDir.of(run_dir)
+        run.require_generalist()  # never a lock file in a folder that is not a run
         with run_lock(run.root, "reading the ensemble", reader=True):
             generalist, record = load_generalist(run, resolve_device(device))
             paths = run.ensemble(variant)

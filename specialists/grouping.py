@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,8 +83,14 @@ def _use_sparse(cfg: ClusterConfig, k: int) -> tuple[bool, str]:
         return False, f"dense statistics of {k:,} classes (asked for)"
     if cfg.statistics == "sparse":
         return True, f"sparse top-{cfg.top_k} statistics of {k:,} classes (asked for)"
-    fits, reason = dense_fits(k, top_k=cfg.top_k)
-    return not fits, reason
+    # against the machine's memory, not what is free this minute: the same run on the same
+    # machine always gets the same statistics (and so the same groups)
+    fits, reason = dense_fits(k, _physical_memory(), top_k=cfg.top_k)
+    return not fits, reason.replace("dense covariance", f"dense statistics ({cfg.matrix})")
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _dense_matrix(stats: PredictionStats, cfg: ClusterConfig, confusion: np.ndarray, run: RunDir):
@@ -145,9 +152,16 @@ def cluster_run(
             f"--group-size {cfg.group_size}: must be between 2 and the number of classes ({k})"
         )
     manifest.verify(run.root, run.val_probs, run.val_labels)
-    probs, labels = _load_predictions(run, k)
     sparse_stats, why = _use_sparse(cfg, k)
-    log.info("%s", why)
+    if sparse_stats and cfg.n_groups is None and k > CHOOSER_MAX_CLASSES:
+        # the chooser fits the grouping at many candidate counts: minutes each at this size
+        raise SpecialistsError(
+            f"--n-groups: {k:,} classes are too many to choose the number of groups by trying "
+            f"counts; give it (the paper: groups of about 300 classes, here --n-groups "
+            f"{max(2, round(k / 300))})"
+        )
+    log.log(logging.INFO if sparse_stats else logging.DEBUG, "%s", why)
+    probs, labels = _load_predictions(run, k)
     stats = TopKStats(k, min(cfg.top_k, k)) if sparse_stats else PredictionStats(k)
     try:
         for start in range(0, len(probs), batch_size):  # streaming: the accumulator never holds P
@@ -172,13 +186,6 @@ def cluster_run(
             matrix, matrix_kind = confusion.astype(np.float64), "confusion"
     else:
         matrix, matrix_kind = _dense_matrix(stats, cfg, confusion, run)
-    if sparse_stats and cfg.n_groups is None and k > CHOOSER_MAX_CLASSES:
-        # the chooser fits the grouping at many candidate counts: minutes each at this size
-        raise SpecialistsError(
-            f"--n-groups: {k:,} classes are too many to choose the number of groups by trying "
-            f"counts; give it (the paper: groups of about 300 classes, here --n-groups "
-            f"{max(2, round(k / 300))})"
-        )
     min_size = cfg.min_size
     if min_size is None:
         per_class = grec.metrics.get("n_train", 0) / k

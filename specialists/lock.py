@@ -4,12 +4,14 @@ Every step that writes a run (the generalist, the clustering, the specialists an
 calibration, the evaluation, distillation, the controls) holds ``RUN/.lock`` while it works; so
 does ``manifest.register``'s read-modify-write, and ``Ensemble.load`` while it reads, so that a
 reader sees the artifacts of one state of the run, never a mix of two. The lock is
-``filelock.FileLock`` (``flock`` on POSIX: the kernel drops it when its process dies, however it
-dies, so a killed job never leaves the run locked; Linux clients of NFS get it as an NFS lock).
+``filelock.FileLock``: ``flock`` on a local disk, which the kernel drops when its process dies,
+however it dies, so a killed job never leaves the run locked; on NFS an NFS lock, which the server
+drops when the client's lease ends. On a file system without locks filelock falls back to the
+file's existence, which a killed process leaves behind: delete ``RUN/.lock`` then.
 
 It is re-entrant in the thread that holds it (a step calls others: ``specialists run`` trains,
 then evaluates) and exclusive between threads and processes. The holder writes who it is to
-``RUN/.lock.json``, so that a second writer can say whom it waits for; ``wait=False`` stops it
+``RUN/.lock.json``, so that a second command can say whom it waits for; ``wait=False`` stops it
 with that line instead. Worker processes (local or on Ray) never take the lock: their launcher
 holds it for them, and registers what they write.
 """
@@ -31,9 +33,10 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import SpecialistsError
+from .run import RunDir
 from .storage import save_json
 
-__all__ = ["held", "in_worker", "lock_holder", "mark_worker", "run_lock", "writes_run"]
+__all__ = ["held", "lock_holder", "mark_worker", "run_lock", "writes_run"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,6 @@ def mark_worker() -> None:
     passes through here (taking it would wait for the launcher, which waits for the worker)."""
     global _worker
     _worker = True
-
-
-def in_worker() -> bool:
-    return _worker
 
 
 def _depths() -> dict[str, int]:
@@ -94,7 +93,7 @@ def run_lock(
     inner ``run_lock`` of the same run in the same thread passes straight through. A ``reader``
     of a run it cannot write (read-only storage, another user's run) reads without the lock.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     key = str(root.resolve())
     depths = _depths()
     if _worker:
@@ -107,18 +106,20 @@ def run_lock(
         finally:
             depths[key] -= 1
         return
-    # thread_local=False: the hold is this thread's by our own bookkeeping above; another thread
-    # opens its own FileLock on the same file and waits for it like another process would.
-    lock = FileLock(root / LOCK_NAME, thread_local=False)
+    created = False
     if not root.is_dir():
         if not create:
             raise SpecialistsError(f"{root}: run directory not found")
         try:
             root.mkdir(parents=True)
+            created = True
         except FileExistsError:
             pass  # made meanwhile by another writer, or a file in the way (the lock says which)
         except OSError as e:
             raise SpecialistsError(f"{root}: cannot write here ({e.strerror})") from e
+    # thread_local=False: the hold is this thread's by our own bookkeeping above; another thread
+    # opens its own FileLock on the same file and waits for it like another process would.
+    lock = FileLock(root / LOCK_NAME, thread_local=False)
     try:
         try:
             lock.acquire(timeout=0)
@@ -126,17 +127,20 @@ def run_lock(
             holder = lock_holder(root)
             if not wait:
                 raise SpecialistsError(
-                    f"{root}: the run is being written by {holder}; try again when it has "
-                    "finished (or leave out --no-wait to wait for it)"
+                    f"{root}: the run is in use by {holder}; try again when it has finished "
+                    "(or leave out --no-wait to wait for it)"
                 ) from None
-            say(f"{root}: the run is being written by {holder}; waiting for it to finish")
+            say(f"{root}: the run is in use by {holder}; waiting for it to finish")
             lock.acquire()
+        locked = True
     except OSError as e:
-        if reader:
-            log.info("%s: reading without the run's lock (%s)", root, e.strerror)
-            yield
-            return
-        raise SpecialistsError(f"{root / LOCK_NAME}: cannot lock the run ({e.strerror})") from e
+        if not reader:
+            raise SpecialistsError(f"{root / LOCK_NAME}: cannot lock the run ({e.strerror})") from e
+        log.info("%s: reading without the run's lock (%s)", root, e.strerror)
+        locked = False
+    if not locked:
+        yield
+        return
     depths[key] = 1
     try:
         with contextlib.suppress(SpecialistsError):  # who holds it is information, not a must
@@ -155,6 +159,19 @@ def run_lock(
         with contextlib.suppress(OSError):
             (root / HOLDER_NAME).unlink()
         lock.release()
+        if created:
+            _remove_if_empty(root)
+
+
+def _remove_if_empty(root: Path) -> None:
+    """A run this lock created, left with nothing but the lock file (the step stopped on bad
+    input), is removed: a mistyped command leaves no folder behind. (A second command that
+    waited on this lock file then holds an unlinked one; filelock re-opens the path in that case.)
+    """
+    with contextlib.suppress(OSError):
+        if [p.name for p in root.iterdir()] == [LOCK_NAME]:
+            (root / LOCK_NAME).unlink()
+            root.rmdir()
 
 
 def writes_run(command: str, arg: str = "run_dir", *, create: bool = False):
@@ -167,6 +184,8 @@ def writes_run(command: str, arg: str = "run_dir", *, create: bool = False):
         @functools.wraps(fn)
         def locked(*args, **kwargs):
             root = signature.bind(*args, **kwargs).arguments[arg]
+            if not create:  # never a lock file in a folder that is not a run
+                RunDir.of(root).require_generalist()
             with run_lock(root, command, create=create):
                 return fn(*args, **kwargs)
 

@@ -5,8 +5,7 @@ trainer, the clustering, the launcher after each job, the evaluation. Every load
 it reads against it, so a truncated or altered file is one clear error naming the file. Its
 read-modify-write holds the run's lock (:mod:`specialists.lock`), so two processes registering at
 once lose no entry; worker processes never write it (the launcher registers their artifacts).
-Its ``generation`` counts the updates: a reader that sees the same generation before and after
-reading saw one state of the run.
+Its ``generation`` counts the updates; ``metrics.json`` records the one it scored.
 """
 
 from __future__ import annotations

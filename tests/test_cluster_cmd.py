@@ -155,14 +155,14 @@ def test_sparse_statistics_when_dense_ones_do_not_fit(run_dir, tmp_path, monkeyp
     statistics by itself and says why; they group the tiny run as the dense ones do."""
     import logging
 
-    from specialists.clustering import sparse as sparse_stats
+    from specialists import grouping
 
     out = tmp_path / "run"
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists", "clusters.json"))
     assert main(["cluster", str(out), "--n-groups", "3", "--quiet"]) == 0
     dense = json.loads(RunDir.of(out).clusters.read_text())
     assert dense["statistics"]["kind"] == "dense"
-    monkeypatch.setattr(sparse_stats, "_available_memory", lambda: 4096)  # 4 KiB "free"
+    monkeypatch.setattr(grouping, "_physical_memory", lambda: 4096)  # a 4 KiB machine
     with caplog.at_level(logging.INFO, logger="specialists"):
         assert main(["cluster", str(out), "--n-groups", "3", "--top-k", "4"]) == 0
     assert "sparse top-4 statistics" in caplog.text and "available" in caplog.text

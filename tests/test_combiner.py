@@ -74,8 +74,8 @@ def test_group_index_from_lists():
 
 
 @pytest.mark.parametrize("top_n", [1, 3, 7])
-@pytest.mark.parametrize("confidence", [None, 0.02])
-def test_sparse_gate_matches_the_dense_membership_rule(top_n, confidence):
+@pytest.mark.parametrize("cascade", [False, True])
+def test_sparse_gate_matches_the_dense_membership_rule(top_n, cascade):
     """Gating through the groups of each class gives exactly the pairs of the dense rule
     "group m holds one of b's top-n classes", sorted by specialist, then row."""
     gen = torch.Generator().manual_seed(top_n)
@@ -86,11 +86,14 @@ def test_sparse_gate_matches_the_dense_membership_rule(top_n, confidence):
     ]
     groups = GroupIndex.from_lists(lists, k)
     p = torch.softmax(2 * torch.randn(64, k, generator=gen, dtype=F64), 1)
+    # the cascade's threshold at the median top probability: half the rows gate nothing
+    confidence = float(p.max(1).values.median()) if cascade else None
     active = groups.membership[:, p.topk(top_n, 1).indices].any(2)  # (M, B), the dense rule
     if confidence is not None:
         active &= (p.max(1).values < confidence)[None, :]
     specs, rows = active.nonzero(as_tuple=True)
     pairs = gate(p, groups, top_n, confidence)
+    assert len(rows) > 0
     assert torch.equal(pairs.rows, rows) and torch.equal(pairs.specs, specs)
 
 
@@ -109,9 +112,16 @@ def test_group_index_at_100000_classes_is_sparse():
     assert int(groups.coverage.sum()) == m * size
     p = torch.softmax(torch.randn(64, k, generator=gen), 1)
     pairs = gate(p, groups, top_n=2)
-    top = p.topk(2, 1).indices
-    for row, spec in zip(pairs.rows.tolist(), pairs.specs.tolist(), strict=True):
-        assert set(top[row].tolist()) & set(lists[spec])
+    groups_of: dict[int, set[int]] = {}
+    for m_, classes in enumerate(lists):
+        for c in classes:
+            groups_of.setdefault(c, set()).add(m_)
+    expected = sorted(  # the rule, pair by pair: (specialist, row) of every top class's groups
+        (m_, row)
+        for row, top in enumerate(p.topk(2, 1).indices.tolist())
+        for m_ in set().union(*(groups_of.get(c, set()) for c in top))
+    )
+    assert list(zip(pairs.specs.tolist(), pairs.rows.tolist(), strict=True)) == expected
 
 
 TOY_GROUPS = [[0, 1, 2], [2, 3], [4], [1, 5]]

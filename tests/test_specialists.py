@@ -208,3 +208,15 @@ def test_cheap_specialists_train_only_the_last_stages(mode):
     else:
         assert len(trainable) > len(head)
         assert not any(n.startswith(("conv_stem", "bn1", "blocks.0.")) for n in trainable)
+
+
+def test_gpus_per_job_must_be_a_share_of_one_gpu():
+    from specialists.errors import SpecialistsError
+    from specialists.train.launch import check_gpus_per_job, default_workers
+
+    for bad in (0, -0.5, 1.5, 2):
+        with pytest.raises(SpecialistsError, match=r"--gpus-per-job .*: must be in \(0, 1\]"):
+            check_gpus_per_job(bad)
+    for good in (None, 0.25, 1):
+        check_gpus_per_job(good)
+    assert default_workers("cpu", 0.25) >= 1  # no GPU: one worker per core, the share ignored

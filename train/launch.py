@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from specialists import manifest
 from specialists.artifacts import load_checked
 from specialists.errors import SpecialistsError
-from specialists.lock import mark_worker
+from specialists.lock import mark_worker, run_lock
 from specialists.models import available_cores
 from specialists.records import Record
 from specialists.run import RunDir
@@ -303,18 +303,21 @@ def _collect(run: RunDir, job: Job, exitcode: int | None) -> JobResult:
     return JobResult(job, False, error=f"worker exited with status {exitcode}")
 
 
-def _ray_job(run_root: str, job: Job, cfg: Any, device: str, threads: int | None) -> dict:
-    """One job as a Ray task. What it logs reaches the driver (Ray prefixes each line with the
-    worker's pid and node address); the driver holds the run's lock for it."""
+def _ray_job(
+    run_root: str, job: Job, cfg: Any, device: str, threads: int | None, level: int = logging.INFO
+) -> dict:
+    """One job as a Ray task. What it logs at the driver's ``level`` or above reaches the driver
+    (Ray prefixes each line with the worker's pid and node address); the driver holds the run's
+    lock for it."""
     import ray
 
     mark_worker()
     worker_log = logging.getLogger("specialists")
-    if not worker_log.handlers:  # a fresh worker process: show the package's INFO lines
+    if not worker_log.handlers:  # a fresh worker process: show the package's lines
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         worker_log.addHandler(handler)
-        worker_log.setLevel(logging.INFO)
+    worker_log.setLevel(level)
     node = ray.get_runtime_context().get_node_id()[:8]
     gpus = ray.get_gpu_ids()
     where = f"node {node}" + (f", GPU {','.join(map(str, gpus))}" if gpus else "")
@@ -348,7 +351,8 @@ def _connect_ray(address: str | None):
                 **kwargs,
             )
         except ConnectionError as e:
-            raise SpecialistsError(f"--ray-address {address}: {e}") from e
+            where = f"--ray-address {address}" if address else "a local Ray instance"
+            raise SpecialistsError(f"{where}: {e}") from e
     return ray
 
 
@@ -380,9 +384,9 @@ def run_ray(
         retry_exceptions=False,
         scheduling_strategy="SPREAD",  # over the nodes, not packed onto the first
     )(_ray_job)
-    refs = {
-        remote.remote(str(run.root.resolve()), job, cfg, device, cpus_per_job): job for job in jobs
-    }
+    level = logging.getLogger("specialists").getEffectiveLevel()  # --quiet reaches the workers
+    root = str(run.root.resolve())
+    refs = {remote.remote(root, job, cfg, device, cpus_per_job, level): job for job in jobs}
     results: list[JobResult] = []
     bar = tqdm(total=len(jobs), desc="jobs (ray)", unit="job", disable=None if progress else True)
     while refs:
@@ -425,6 +429,24 @@ def run_jobs(
     lets small jobs share a GPU (0.25: four per GPU; default: a GPU each where there are GPUs).
     """
     check_gpus_per_job(gpus_per_job)
+    with run_lock(run.root, "running jobs"):  # re-entrant: the step calling this holds it already
+        return _run_jobs(
+            run,
+            jobs,
+            cfg,
+            generalist_sha,
+            backend,
+            workers,
+            device,
+            ray_address,
+            progress,
+            gpus_per_job,
+        )
+
+
+def _run_jobs(
+    run, jobs, cfg, generalist_sha, backend, workers, device, ray_address, progress, gpus_per_job
+) -> list[JobResult]:
     todo, done = pending_jobs(run, jobs, generalist_sha, cfg)
     for r in done:
         log.info("%s: up to date, skipped", r.job.name)
@@ -432,6 +454,8 @@ def run_jobs(
         return done
     start = time.perf_counter()
     if backend == "local":
+        if gpus_per_job is not None and not (device != "cpu" and torch.cuda.is_available()):
+            log.warning("--gpus-per-job %g: no GPU here, the jobs run on the CPU", gpus_per_job)
         n = workers or default_workers(device, gpus_per_job)
         log.info("running %d job(s) with %d local worker(s)", len(todo), n)
         results = run_local(
