@@ -14,6 +14,7 @@ RUN/
   metrics.json, coverage.png  the evaluation (cascade.png: accuracy against images/s as the
                               cascade's confidence threshold varies)
   manifest.json               every finished artifact with its size and checksum
+  .lock, .lock.json           the run lock (specialists.lock), and who holds it
   controls/random/            clusters.json, specialists/, ensemble.json of the random groups
   controls/extra/, controls/plain/   the fine-tuned copies (NNN.safetensors, NNN.json)
   controls/large/             the generalist at the specialists' own input size / architecture

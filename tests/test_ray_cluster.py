@@ -3,6 +3,7 @@ machine (``ray.cluster_utils.Cluster``: a head and two worker nodes, each a real
 own worker processes). A node is removed while it trains: its raylet and workers are killed."""
 
 import json
+import logging
 import shutil
 import sys
 import threading
@@ -56,8 +57,10 @@ def test_a_node_removed_mid_training_its_jobs_finish_on_the_others(
     tmp_path,
     run_dir,  # noqa: F811
     capfd,
+    caplog,
 ):
     c, (doomed, survivor) = cluster
+    caplog.set_level(logging.INFO, logger="specialists")  # the workers log at the driver's level
     out = tmp_path / "run"
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists"))
     run = RunDir.of(out)
