@@ -58,41 +58,39 @@ def _no_wait(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_lock(args: argparse.Namespace, root: str, **how):
+    """The lock of the run ``root`` for this command: waiting says so on stderr, ``--no-wait``
+    stops instead. Never a lock file in a folder that is not a run, unless the command makes one."""
+    from .lock import run_lock
+
+    if not how.get("create"):
+        RunDir.of(root).require_generalist()
+    return run_lock(
+        root,
+        f"specialists {args.command}",
+        wait=not args.no_wait,
+        say=lambda line: print(line, file=sys.stderr),
+        **how,
+    )
+
+
 def _reading(args: argparse.Namespace):
     """The run lock `predict` and `export` hold while they load the models (one state of the
     run), then let go: a long prediction does not hold up a writer, and a specialist loaded later
     must be the file read now (Ensemble.load)."""
-    from .lock import run_lock
-
-    RunDir.of(args.run).require_generalist()
-    return run_lock(
-        args.run,
-        f"specialists {args.command}",
-        wait=not args.no_wait,
-        reader=True,
-        say=lambda line: print(line, file=sys.stderr),
-    )
+    return _run_lock(args, args.run, reader=True)
 
 
 def _locked(args: argparse.Namespace):
     """The run lock the command holds from start to end (a null context where none)."""
     import contextlib
 
-    from .lock import run_lock
-
     how = LOCKED.get(args.command)
     if how is None or how == "load" or getattr(args, "print_config", False):
         return contextlib.nullcontext()
-    root = args.run if args.command not in ("generalist", "run", "demo") else args.out
-    if how != "create":  # never a lock file in a folder that is not a run
-        RunDir.of(root).require_generalist()
-    return run_lock(
-        root,
-        f"specialists {args.command}",
-        wait=not args.no_wait,
-        create=how == "create",
-        say=lambda line: print(line, file=sys.stderr),
-    )
+    if how == "create":
+        return _run_lock(args, args.out, create=True)
+    return _run_lock(args, args.run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,9 +60,8 @@ class ClusterConfig:
     # auto: dense K x K statistics where they fit in memory, else sparse top-k ones (printed with
     # the reason) | dense | sparse
     statistics: str = "auto"
-    top_k: int = (
-        10  # sparse statistics: classes kept per prediction (the rest's mass is one number)
-    )
+    # sparse statistics: classes kept per prediction (the rest's mass is one number)
+    top_k: int = 10
 
     def __post_init__(self) -> None:
         if self.matrix not in ("covariance", "confusion"):

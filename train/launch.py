@@ -430,58 +430,41 @@ def run_jobs(
     """
     check_gpus_per_job(gpus_per_job)
     with run_lock(run.root, "running jobs"):  # re-entrant: the step calling this holds it already
-        return _run_jobs(
-            run,
-            jobs,
-            cfg,
-            generalist_sha,
-            backend,
-            workers,
-            device,
-            ray_address,
-            progress,
-            gpus_per_job,
+        todo, done = pending_jobs(run, jobs, generalist_sha, cfg)
+        for r in done:
+            log.info("%s: up to date, skipped", r.job.name)
+        if not todo:
+            return done
+        start = time.perf_counter()
+        if backend == "local":
+            if gpus_per_job is not None and not (device != "cpu" and torch.cuda.is_available()):
+                log.warning("--gpus-per-job %g: no GPU here, the jobs run on the CPU", gpus_per_job)
+            n = workers or default_workers(device, gpus_per_job)
+            log.info("running %d job(s) with %d local worker(s)", len(todo), n)
+            results = run_local(
+                run, todo, cfg=cfg, workers=min(n, len(todo)), device=device, progress=progress
+            )
+        elif backend == "ray":
+            cpus = 1 if workers is None else max(1, available_cores() // workers)
+            if gpus_per_job is not None:
+                gpus = gpus_per_job if device != "cpu" else 0.0
+            else:  # the driver's view: a GPU each if this machine has GPUs
+                gpus = 1.0 if (device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
+            results = run_ray(
+                run,
+                todo,
+                cfg=cfg,
+                address=ray_address,
+                cpus_per_job=cpus,
+                gpus_per_job=gpus,
+                progress=progress,
+            )
+        else:
+            raise SpecialistsError(f"unknown backend {backend!r}; expected local or ray")
+        log.info(
+            "finished %d job(s) in %.0f s",
+            sum(r.ok for r in results),
+            time.perf_counter() - start,
         )
-
-
-def _run_jobs(
-    run, jobs, cfg, generalist_sha, backend, workers, device, ray_address, progress, gpus_per_job
-) -> list[JobResult]:
-    todo, done = pending_jobs(run, jobs, generalist_sha, cfg)
-    for r in done:
-        log.info("%s: up to date, skipped", r.job.name)
-    if not todo:
-        return done
-    start = time.perf_counter()
-    if backend == "local":
-        if gpus_per_job is not None and not (device != "cpu" and torch.cuda.is_available()):
-            log.warning("--gpus-per-job %g: no GPU here, the jobs run on the CPU", gpus_per_job)
-        n = workers or default_workers(device, gpus_per_job)
-        log.info("running %d job(s) with %d local worker(s)", len(todo), n)
-        results = run_local(
-            run, todo, cfg=cfg, workers=min(n, len(todo)), device=device, progress=progress
-        )
-    elif backend == "ray":
-        cpus = 1 if workers is None else max(1, available_cores() // workers)
-        if gpus_per_job is not None:
-            gpus = gpus_per_job if device != "cpu" else 0.0
-        else:  # the driver's view: a GPU each if this machine has GPUs
-            gpus = 1.0 if (device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
-        results = run_ray(
-            run,
-            todo,
-            cfg=cfg,
-            address=ray_address,
-            cpus_per_job=cpus,
-            gpus_per_job=gpus,
-            progress=progress,
-        )
-    else:
-        raise SpecialistsError(f"unknown backend {backend!r}; expected local or ray")
-    log.info(
-        "finished %d job(s) in %.0f s",
-        sum(r.ok for r in results),
-        time.perf_counter() - start,
-    )
-    order = {id(job): i for i, job in enumerate(jobs)}
-    return sorted(done + results, key=lambda r: order[id(r.job)])
+        order = {id(job): i for i, job in enumerate(jobs)}
+        return sorted(done + results, key=lambda r: order[id(r.job)])
