@@ -34,6 +34,7 @@ from .models import create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import RunDir
 from .transforms import BatchTransform, make_transforms, resize_images
+from .trunk import SharedTrunk, suffix_module, trace, trunk_sha256, trunk_tensors, with_activations
 
 __all__ = ["Ensemble", "EnsembleOutput"]
 
@@ -118,6 +119,7 @@ class Ensemble(nn.Module):
         batch_size: int = 512,
         combination: Combination | None = None,
         run: RunDir | None = None,
+        shared_trunk: bool = True,
     ) -> None:
         super().__init__()
         comb = combination or Combination()
@@ -148,7 +150,58 @@ class Ensemble(nn.Module):
         self.input_size = max([record.input_size] + [s.size(record) for s in self.specialists])
         self.loaded = nn.ModuleDict()  # specialist id (str) -> model, least recently used first
         self._clock: dict[str, list[float]] | None = None  # stage -> seconds, while profiling
+        # specialist index -> the generalist's stages it runs from (checked against the
+        # generalist here, and against its own file when it is loaded)
+        self.trunks: dict[int, SharedTrunk] = self._check_trunks() if shared_trunk else {}
+        # the generalist returning those activations too, traced on first use (a plain dict: it
+        # shares the generalist's layers, so it must not be registered as a second submodule)
+        self._runner: dict[str, nn.Module] = {}
         self.eval()
+
+    def _check_trunks(self) -> dict[int, SharedTrunk]:
+        """The specialists that share the generalist's first stages, each checked: the
+        generalist's tensors up to the recorded cut must hash to the recorded checksum (a
+        generalist changed since is one clear error, never an answer from another trunk)."""
+        shared = {
+            m: t
+            for m, s in enumerate(self.specialists)
+            if (t := SharedTrunk.from_dict(s.shared_trunk)) is not None
+            and s.architecture == self.record.architecture
+            and s.size(self.record) == self.record.input_size
+        }
+        if not shared:
+            return {}
+        graph = trace(self.generalist)
+        if graph is None:
+            log.warning("%s cannot be traced: each specialist runs whole", self.record.architecture)
+            return {}
+        state = self.generalist.state_dict()
+        hashes: dict[str, tuple[int, str]] = {}
+        for m, t in shared.items():
+            if t.cut not in hashes:
+                try:
+                    names = trunk_tensors(graph, t.cut)
+                except SpecialistsError:
+                    names = []
+                hashes[t.cut] = (len(names), trunk_sha256(state, names))
+            n, sha = hashes[t.cut]
+            if (n, sha) != (t.n_tensors, t.sha256):
+                rec = self.specialists[m]
+                raise SpecialistsError(
+                    f"{self.specialist_weights[rec.id]}: specialist {rec.id} was trained on the "
+                    f"generalist's stages up to {t.cut!r} (sha256 {t.sha256[:12]}), but this "
+                    f"generalist's differ (sha256 {sha[:12]}): retrain the specialists for it"
+                )
+        return shared
+
+    def _generalist_with_trunks(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The generalist's logits and the activations the sharing specialists start from."""
+        if not self.trunks:
+            return self.generalist(x), {}
+        if "trunk" not in self._runner:
+            cuts = {t.cut for t in self.trunks.values()}
+            self._runner["trunk"] = with_activations(self.generalist, cuts)
+        return self._runner["trunk"](x)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -162,13 +215,16 @@ class Ensemble(nn.Module):
         cache_size: int | None = None,
         variant: str | None = None,
         combination: Combination | None = None,
+        shared_trunk: bool = True,
     ) -> Ensemble:
         """Load a run's ensemble, validating every file; ``variant`` (e.g. ``controls/random``)
         reads the groups and specialists from that subfolder instead.
 
         The combination is ``combination`` if given, else the one calibrated on validation
         (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
-        equal weights); ``top_n`` overrides its gating width."""
+        equal weights); ``top_n`` overrides its gating width. Specialists that kept the
+        generalist's first stages run from its activations (``shared_trunk``; off: each runs
+        whole, the same answers up to float rounding, slower)."""
         run = RunDir.of(run_dir)
         run.require_generalist()  # never a lock file in a folder that is not a run
         with run_lock(run.root, "reading the ensemble", reader=True):
@@ -192,6 +248,7 @@ class Ensemble(nn.Module):
             cache_size=cache_size,
             combination=combination,
             run=run,
+            shared_trunk=shared_trunk,
         )
 
     @classmethod
@@ -202,6 +259,7 @@ class Ensemble(nn.Module):
         *,
         top_n: int | None = None,
         cache_size: int | None = None,
+        shared_trunk: bool = True,
     ) -> Ensemble:
         """Load an ensemble written by ``specialists export`` (see :mod:`specialists.export`):
         no run directory needed, every file checked against the checksums in its JSON."""
@@ -219,6 +277,7 @@ class Ensemble(nn.Module):
             top_n=top_n,
             cache_size=cache_size,
             combination=parts.combination,
+            shared_trunk=shared_trunk,
         )
 
     def export(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> dict:
@@ -239,6 +298,7 @@ class Ensemble(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .cpu() all come through here
         super()._apply(fn, *args, **kwargs)
+        self._runner.clear()  # traced again from the moved generalist
         device = self.device
         self.groups = self.groups.to(device)
         self.offsets = [o.to(device) for o in self.offsets]
@@ -281,30 +341,55 @@ class Ensemble(nn.Module):
         return self._transforms[size]
 
     def specialist(self, m: int) -> nn.Module:
-        """The ``m``-th active specialist, loaded on first use; the least recently used is
-        evicted when the cache is full."""
-        return self.load_specialist(self.specialists[m])
-
-    def load_specialist(self, rec: SpecialistRecord) -> nn.Module:
+        """What inference runs for the ``m``-th active specialist, loaded on first use: its
+        model, or, when it shares the generalist's first stages, only its own stages (taking the
+        shared activation). The least recently used is evicted when the cache is full."""
+        rec = self.specialists[m]
         key = str(rec.id)
         if key in self.loaded:
-            model = self.loaded.pop(key)  # to the end: most recently used
-            self.loaded[key] = model
-            return model
-        n_out = len(rec.classes) + 1
-        size = rec.size(self.record)
-        model = create_model(rec.architecture, n_out, self.record.in_chans, size)
-        load_weights(
-            model,
-            self.specialist_weights[rec.id],
-            f"a {rec.architecture} with {n_out} outputs at {size} px",
-            sha256=rec.weights_sha256,  # the file the ensemble was loaded with, not a newer one
-        )
-        model.to(self.device).eval().requires_grad_(False)
-        self.loaded[key] = model
+            module = self.loaded.pop(key)  # to the end: most recently used
+        else:
+            module = self._build(rec)
+            trunk = self.trunks.get(m)
+            if trunk is not None:
+                self._check_own_trunk(module, rec, trunk)
+                module = suffix_module(module, trunk.cut).to(self.device).eval()
+        self.loaded[key] = module
         if self.cache_size is not None and len(self.loaded) > self.cache_size:
             del self.loaded[next(iter(self.loaded))]
+        return module
+
+    def load_specialist(self, rec: SpecialistRecord) -> nn.Module:
+        """Specialist ``rec``'s whole model (taking the images), cached when inference runs it
+        whole."""
+        m = next((i for i, s in enumerate(self.specialists) if s.id == rec.id), None)
+        if m is None or m in self.trunks:
+            return self._build(rec)
+        return self.specialist(m)
+
+    def _build(self, rec: SpecialistRecord) -> nn.Module:
+        n_out = len(rec.classes) + 1
+        size = rec.size(self.record)
+        with torch.inference_mode(False):  # ordinary tensors, even when first used in inference
+            model = create_model(rec.architecture, n_out, self.record.in_chans, size)
+            load_weights(
+                model,
+                self.specialist_weights[rec.id],
+                f"a {rec.architecture} with {n_out} outputs at {size} px",
+                sha256=rec.weights_sha256,  # the file the ensemble was loaded with, not a newer one
+            )
+            model.to(self.device).eval().requires_grad_(False)
         return model
+
+    def _check_own_trunk(self, model: nn.Module, rec: SpecialistRecord, t: SharedTrunk) -> None:
+        """The specialist's own copy of the shared stages must be what its record says."""
+        graph = trace(model)
+        names = [] if graph is None else trunk_tensors(graph, t.cut)
+        if (len(names), trunk_sha256(model.state_dict(), names)) != (t.n_tensors, t.sha256):
+            raise SpecialistsError(
+                f"{self.specialist_weights[rec.id]}: its stages up to {t.cut!r} are not the ones "
+                "its record shares with the generalist; retrain the specialists"
+            )
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -401,7 +486,8 @@ class Ensemble(nn.Module):
         """The generalist on ``x`` (its input), the gate, each active specialist on
         ``view(record, rows)`` (its input for those rows), the combiner."""
         with self._stage("generalist"):
-            p_g = torch.softmax(self.generalist(x).float(), 1)  # (B, K)
+            logits, shared = self._generalist_with_trunks(x)
+            p_g = torch.softmax(logits.float(), 1)  # (B, K)
         with self._stage("gating"):
             pairs, per_specialist = self._route(p_g)
         outputs = []
@@ -409,7 +495,8 @@ class Ensemble(nn.Module):
             if len(rows):
                 rec = self.specialists[m]
                 with self._stage(f"specialist {rec.id} input"):
-                    inputs = view(rec, rows)
+                    trunk = self.trunks.get(m)
+                    inputs = view(rec, rows) if trunk is None else shared[trunk.cut][rows]
                 with self._stage(f"specialist {rec.id}"):
                     logits = self.specialist(m)(inputs).float() + self.offsets[m]
                     outputs.append(torch.softmax(logits, 1))

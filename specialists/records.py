@@ -139,6 +139,9 @@ class SpecialistRecord(JobRecord):
     logit_offset: list[float]  # added to the specialist's logits at inference (|S| + 1)
     history: list[dict]
     input_size: int | None = None  # its own input size; None: the generalist's
+    # The generalist's first stages, unchanged in this specialist (specialists.trunk): where its
+    # own computation starts and the checksum of what it shares; None when nothing is shared.
+    shared_trunk: dict | None = None
 
     def size(self, generalist: GeneralistRecord) -> int:
         """The input size this specialist's model takes."""

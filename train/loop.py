@@ -24,6 +24,7 @@ __all__ = [
     "build_optimizer",
     "cosine_with_warmup",
     "history_csv",
+    "keep_frozen_fixed",
     "plot_history",
     "shuffled_batches",
     "train_one_epoch",
@@ -72,6 +73,25 @@ def cosine_with_warmup(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def keep_frozen_fixed(model: nn.Module) -> None:
+    """Frozen layers stay as they are, statistics included: a module whose weights are all frozen
+    (or, holding no weights, whose parent's are) and that keeps buffers (batch norm's running
+    mean and variance) runs in eval mode. Without this a ``--trainable last`` specialist's frozen
+    stages would drift from the generalist's, and could not be shared at inference."""
+
+    def frozen(module: nn.Module, recurse: bool) -> bool:
+        weights = list(module.parameters(recurse=recurse))
+        return bool(weights) and not any(p.requires_grad for p in weights)
+
+    for parent in model.modules():
+        for child in parent.children():
+            if next(child.buffers(recurse=False), None) is None:
+                continue
+            has_own = next(child.parameters(recurse=False), None) is not None
+            if frozen(child, False) if has_own else frozen(parent, True):
+                child.eval()
+
+
 def train_one_epoch(
     model: nn.Module,
     images: torch.Tensor,
@@ -94,6 +114,7 @@ def train_one_epoch(
     (``x`` is the transformed input, for losses that need a teacher's view of it).
     """
     model.train()
+    keep_frozen_fixed(model)
     autocast, dtype = autocast_for(device, amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     batches = list(batches)

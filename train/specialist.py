@@ -32,6 +32,7 @@ from specialists.records import GeneralistRecord, SpecialistRecord
 from specialists.run import RunDir
 from specialists.storage import load_npy
 from specialists.transforms import BatchTransform
+from specialists.trunk import find_shared_trunk
 
 from ._faults import maybe_die
 from ._job import mapped_tensor, own_size, save_artifact, start_job
@@ -481,6 +482,11 @@ def train_specialist(
             best_score, best_epoch = score, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
+    # what it shares with the generalist, found from the weights (none for another architecture
+    # or input size): inference then runs those stages once for all specialists
+    shared = None
+    if arch == grec.architecture and size == grec.input_size:
+        shared = find_shared_trunk(model, generalist)
 
     # Priors for the dustbin correction, and in-group accuracy against the generalist's.
     natural = float(np.isin(train_labels, classes).mean())
@@ -518,6 +524,7 @@ def train_specialist(
             generalist_sha256=grec.weights_sha256,
             architecture=arch,
             input_size=None if size == grec.input_size else size,
+            shared_trunk=None if shared is None else shared.to_dict(),
             train_fraction=cfg.enrich_fraction,
             natural_prior=natural,
             gated_prior=gated,
