@@ -164,14 +164,27 @@ def _flatten_spec_probs(
     return inside, dust
 
 
-def pack(
+class _Entries(NamedTuple):
+    """The active pairs unpacked: each pair's example, weight and dustbin probability, and one
+    entry per (pair, class of its group) with that class and the specialist's probability."""
+
+    rows: Tensor  # (A,) long: the example of each pair
+    pair_w: Tensor  # (A,) float64
+    dust: Tensor  # (A,) float64
+    entry_pair: Tensor  # (E,) long in [0, A)
+    entry_class: Tensor  # (E,) long in [0, K)
+    entry_prob: Tensor  # (E,) p_g.dtype
+
+
+def _entries(
     p_g: Tensor,
     spec_probs: SpecProbs,
     pairs: ActivePairs,
     groups: GroupIndex,
     spec_weights: Tensor | Sequence[float] | None,
     generalist_weight: float,
-) -> _Packed:
+) -> _Entries:
+    """The inputs of ``combine``, checked and unpacked."""
     if p_g.dim() != 2 or p_g.shape[1] != groups.n_classes:
         raise ValueError(f"p_g must be (B, {groups.n_classes}), got {tuple(p_g.shape)}")
     if not p_g.is_floating_point():
@@ -179,7 +192,7 @@ def pack(
     if not generalist_weight > 0:
         raise ValueError(f"generalist_weight must be positive, got {generalist_weight}")
     device, dtype = p_g.device, p_g.dtype
-    n_rows, n_classes = p_g.shape
+    n_rows = p_g.shape[0]
     groups = groups.to(device)
     rows = pairs.rows.to(device=device, dtype=torch.long)
     specs = pairs.specs.to(device=device, dtype=torch.long)
@@ -212,23 +225,87 @@ def pack(
     starts = torch.cumsum(sizes, 0) - sizes  # (A,)
     local = torch.arange(entry_pair.numel(), device=device) - starts[entry_pair]  # (E,)
     entry_class = groups.members[groups.offsets[specs][entry_pair] + local]  # (E,)
-    act_rows, pair_row = torch.unique(rows, return_inverse=True)  # (R,), (A,)
-    entry_flat = pair_row[entry_pair] * n_classes + entry_class  # (E,)
+    return _Entries(rows, weights[specs], dust.double(), entry_pair, entry_class, inside)
+
+
+def _packed(p_g: Tensor, w_g: float, e: _Entries, keep: Tensor | None = None) -> _Packed:
+    """The problem packed for EM, restricted to the pairs ``keep`` (a mask; default all)."""
+    if keep is not None:
+        index = torch.full_like(keep, -1, dtype=torch.long)
+        index[keep] = torch.arange(int(keep.sum()), device=keep.device)
+        on = keep[e.entry_pair]
+        e = _Entries(
+            e.rows[keep],
+            e.pair_w[keep],
+            e.dust[keep],
+            index[e.entry_pair[on]],
+            e.entry_class[on],
+            e.entry_prob[on],
+        )
+    n_classes = p_g.shape[1]
+    act_rows, pair_row = torch.unique(e.rows, return_inverse=True)  # (R,), (A,)
+    entry_flat = pair_row[e.entry_pair] * n_classes + e.entry_class  # (E,)
     u_flat, entry_u = torch.unique(entry_flat, return_inverse=True)  # (U,), (E,)
     return _Packed(
         p_g=p_g,
-        w_g=float(generalist_weight),
+        w_g=float(w_g),
         act_rows=act_rows,
         pair_row=pair_row,
-        pair_w=weights[specs],
-        dust=dust.double(),
-        entry_pair=entry_pair,
+        pair_w=e.pair_w,
+        dust=e.dust,
+        entry_pair=e.entry_pair,
         entry_flat=entry_flat,
-        entry_prob=inside,
+        entry_prob=e.entry_prob,
         entry_u=entry_u,
         u_flat=u_flat,
         u_row=u_flat // n_classes,
     )
+
+
+def pack(
+    p_g: Tensor,
+    spec_probs: SpecProbs,
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    spec_weights: Tensor | Sequence[float] | None,
+    generalist_weight: float,
+) -> _Packed:
+    e = _entries(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+    return _packed(p_g, generalist_weight, e)
+
+
+def _one_specialist(p_g: Tensor, w_g: float, e: _Entries) -> tuple[Tensor, Tensor]:
+    """q (B, K) float64 solved in closed form for the examples with exactly one active
+    specialist (top-1 gating over disjoint groups), p_g elsewhere, and the mask of the pairs
+    so solved.
+
+    With one specialist m the objective separates: inside S_m each class gets
+    q_c = (w_g p_g(c) + w_m p_m(c)) / D, and the mass outside, (w_g G + w_m d_m) / D with
+    G = p_g's mass outside S_m, is shared among those classes in p_g's proportions (D = w_g +
+    w_m). This is EM's fixed point, reached without iterating. A generalist with no mass at all
+    outside S_m (G = 0) has no attained optimum: such pairs are left to EM and its cap."""
+    q = p_g.double()
+    if q is p_g:
+        q = q.clone()
+    n_pairs = e.rows.numel()
+    if n_pairs == 0:
+        return q, torch.zeros(0, dtype=torch.bool, device=q.device)
+    n_classes = q.shape[1]
+    pg = q[e.rows]  # (A, K)
+    flat = e.entry_pair * n_classes + e.entry_class  # (E,) in the (A, K) block
+    inside = torch.zeros(n_pairs, dtype=torch.float64, device=q.device)
+    inside.index_add_(0, e.entry_pair, pg.reshape(-1)[flat])
+    outside = pg.sum(1) - inside  # (A,)
+    alone = torch.bincount(e.rows, minlength=len(q))[e.rows] == 1
+    solved = alone & (outside > 0)
+    w, d = e.pair_w, e.dust
+    denom = w_g + w  # (A,)
+    block = pg * ((w_g * outside + w * d) / (denom * outside.clamp_min(1e-300)))[:, None]
+    block.reshape(-1)[flat] = (
+        w_g * pg.reshape(-1)[flat] + w[e.entry_pair] * e.entry_prob.double()
+    ) / denom[e.entry_pair]
+    q[e.rows[solved]] = block[solved]
+    return q, solved
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,17 +549,20 @@ def combine(
         * one (A, L) tensor with L >= max |S_m| + 1, row a padded after its dustbin (columns
           past |S_m| are ignored) - with equal-size groups simply the stacked outputs.
     - spec_weights: (M,) non-negative w_m (default 1); generalist_weight: w_g > 0 (default 1).
-    Rows with no active pair come back as exactly p_g."""
-    return solve_em(
-        p_g,
-        spec_probs,
-        pairs,
-        groups,
-        spec_weights=spec_weights,
-        generalist_weight=generalist_weight,
-        tol=tol,
-        max_iter=max_iter,
-    ).q
+    Rows with no active pair come back as exactly p_g. A row with exactly one active
+    specialist (every row, under top-1 gating over disjoint groups) is solved in closed form,
+    without iterating; rows with several by EM (``solve_em``). Each row's q depends on its
+    own inputs only, never on the rest of the batch."""
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    with torch.no_grad():
+        e = _entries(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
+        q, solved = _one_specialist(p_g, generalist_weight, e)
+        if not bool(solved.all()):  # examples with several specialists: EM
+            tol = default_tol(p_g.dtype) if tol is None else tol
+            packed = _packed(p_g, generalist_weight, e, keep=~solved)
+            q[packed.act_rows] = _em(packed, tol, max_iter, True).q[packed.act_rows].double()
+        return q.to(p_g.dtype)
 
 
 def objective(

@@ -30,7 +30,7 @@ from .errors import SpecialistsError
 from .export import read_export, write_export
 from .gating import ActivePairs, GroupIndex, gate
 from .lock import run_lock
-from .models import create_model, resolve_device
+from .models import autocast_for, create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import RunDir
 from .transforms import BatchTransform, make_transforms, resize_images
@@ -47,6 +47,22 @@ def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-2] == size and x.shape[-1] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _take(parts: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (ascending) of the concatenation of ``parts``, without concatenating them."""
+    if len(parts) == 1:
+        return parts[0][rows]
+    ends = torch.tensor([len(p) for p in parts], device=rows.device).cumsum(0)
+    which = torch.searchsorted(ends, rows, right=True)
+    counts = torch.bincount(which, minlength=len(parts)).tolist()
+    out, start = [], 0
+    for i, (n, part) in enumerate(zip(counts, parts)):
+        if n:
+            local = rows[start : start + n] - (ends[i] - len(part))
+            out.append(part[local])
+            start += n
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class _Stopwatch:
@@ -120,6 +136,8 @@ class Ensemble(nn.Module):
         combination: Combination | None = None,
         run: RunDir | None = None,
         shared_trunk: bool = True,
+        wave_bytes: int = 256 << 20,
+        amp: str = "auto",
     ) -> None:
         super().__init__()
         comb = combination or Combination()
@@ -134,6 +152,8 @@ class Ensemble(nn.Module):
         self.specialist_weights = dict(specialist_weights)
         self.generalist.requires_grad_(False)
         self.top_n, self.batch_size = comb.top_n, batch_size
+        self.wave_bytes = wave_bytes
+        self.amp = amp
         self.cache_size = cache_size
         device = self.device
         self.groups = GroupIndex.from_lists(
@@ -313,6 +333,11 @@ class Ensemble(nn.Module):
         return self
 
     @property
+    def _autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        """Mixed precision on CUDA (``amp``: auto, bf16, fp16, off), nothing on the CPU."""
+        return autocast_for(self.device, self.amp)[0]
+
+    @property
     def mixed_sizes(self) -> bool:
         """Whether some specialist takes another input size than the generalist."""
         return self.input_size != self.record.input_size
@@ -416,16 +441,14 @@ class Ensemble(nn.Module):
             )
         return x
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generalist_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         x = self.check_images(images)
-        out = [
-            torch.softmax(
-                self.generalist(self.transform(x[i : i + self.batch_size].to(self.device))).float(),
-                1,
-            ).cpu()
-            for i in range(0, len(x), self.batch_size)
-        ]
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            with self._autocast():
+                logits = self.generalist(self.transform(x[i : i + self.batch_size].to(self.device)))
+            out.append(torch.softmax(logits.float(), 1).cpu())
         return torch.cat(out).numpy()
 
     def preprocess(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -454,11 +477,11 @@ class Ensemble(nn.Module):
                 f"inputs are {x.shape[-2]}x{x.shape[-1]} but the ensemble takes {self.input_size} px"
             )
         q, _, _ = self._combine(
-            _resized(x, r.input_size), lambda rec, rows: _resized(x[rows], rec.size(r))
+            [_resized(x, r.input_size)], lambda rec, rows: _resized(x[rows], rec.size(r))
         )
         return torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference mode: a distillation teacher's q is a loss target
     def combine_transformed(
         self, x: torch.Tensor, raw: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
@@ -468,9 +491,18 @@ class Ensemble(nn.Module):
         calls this on the student's own augmented batch. Specialists with their own input size
         need ``raw``, the uint8 batch ``x`` was made from, to resize from."""
 
+        return self._combine([x], self._view([x], raw))
+
+    def _view(
+        self, xs: list[torch.Tensor], raw: torch.Tensor | None
+    ) -> Callable[[SpecialistRecord, torch.Tensor], torch.Tensor]:
+        """Specialist ``rec``'s input for ``rows``: rows of ``xs`` (the generalist's view, in
+        batches) at the generalist's size, else resized from ``raw`` (the uint8 images) to its
+        own."""
+
         def view(rec: SpecialistRecord, rows: torch.Tensor) -> torch.Tensor:
             if rec.size(self.record) == self.record.input_size:
-                return x[rows]
+                return _take(xs, rows)
             if raw is None:
                 raise SpecialistsError(
                     f"specialist {rec.id} takes {rec.size(self.record)} px inputs: it needs "
@@ -478,28 +510,44 @@ class Ensemble(nn.Module):
                 )
             return self.transform_for(rec)(raw[rows])
 
-        return self._combine(x, view)
+        return view
 
     def _combine(
-        self, x: torch.Tensor, view: Callable[[SpecialistRecord, torch.Tensor], torch.Tensor]
+        self,
+        xs: list[torch.Tensor],
+        view: Callable[[SpecialistRecord, torch.Tensor], torch.Tensor],
+        chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
-        """The generalist on ``x`` (its input), the gate, each active specialist on
-        ``view(record, rows)`` (its input for those rows), the combiner."""
-        with self._stage("generalist"):
-            logits, shared = self._generalist_with_trunks(x)
-            p_g = torch.softmax(logits.float(), 1)  # (B, K)
+        """The generalist on each batch of ``xs`` (its inputs, in row order), the gate, each
+        active specialist on ``view(record, rows)`` (its input for those rows) or on the
+        generalist's activation it continues from, the combiner. Each specialist's rows are
+        pooled over all of ``xs`` and run ``chunk`` at a time (default: all at once)."""
+        autocast = self._autocast
+        shared: dict[str, list[torch.Tensor]] = {}
+        logits = []
+        with self._stage("generalist"), autocast():
+            for x in xs:
+                out, acts = self._generalist_with_trunks(x)
+                logits.append(out.float())
+                for cut, a in acts.items():
+                    shared.setdefault(cut, []).append(a)
+            p_g = torch.softmax(torch.cat(logits) if len(logits) > 1 else logits[0], 1)
         with self._stage("gating"):
             pairs, per_specialist = self._route(p_g)
         outputs = []
+        step = chunk or max(len(p_g), 1)
         for m, rows in enumerate(per_specialist):
-            if len(rows):
-                rec = self.specialists[m]
+            if not len(rows):
+                continue
+            rec, trunk = self.specialists[m], self.trunks.get(m)
+            for i in range(0, len(rows), step):
+                part = rows[i : i + step]
                 with self._stage(f"specialist {rec.id} input"):
-                    trunk = self.trunks.get(m)
-                    inputs = view(rec, rows) if trunk is None else shared[trunk.cut][rows]
-                with self._stage(f"specialist {rec.id}"):
-                    logits = self.specialist(m)(inputs).float() + self.offsets[m]
-                    outputs.append(torch.softmax(logits, 1))
+                    own = trunk is None
+                    inputs = view(rec, part) if own else _take(shared[trunk.cut], part)
+                with self._stage(f"specialist {rec.id}"), autocast():
+                    out = self.specialist(m)(inputs).float() + self.offsets[m]
+                    outputs.append(torch.softmax(out, 1))
         with self._stage("combiner"):
             q = self._fuse(p_g, outputs, pairs)
         return q, p_g, pairs
@@ -526,16 +574,32 @@ class Ensemble(nn.Module):
             return p_g
         return combine(p_g, outputs, pairs, self.groups, spec_weights=self.spec_weights)
 
-    @torch.no_grad()
+    def wave_size(self, n_images: int) -> int:
+        """How many images ``run_batch`` routes together: enough that each consulted specialist
+        runs on about a full batch of rows (``batch_size`` times the active specialists), within
+        ``wave_bytes`` of inputs held on the device, and at least one batch."""
+        r = self.record
+        per_image = 4 * r.in_chans * self.input_size**2 * (2 if self.trunks else 1)
+        if self.mixed_sizes:
+            per_image += r.in_chans * self.input_size**2  # the uint8 images, to resize from
+        wave = min(self.batch_size * max(1, len(self.specialists)), self.wave_bytes // per_image)
+        return max(1, min(n_images, max(self.batch_size, wave)))
+
+    @torch.inference_mode()
     def run_batch(self, images: np.ndarray | torch.Tensor) -> EnsembleOutput:
-        """Generalist once, each active specialist only on the inputs that activate it, combiner."""
+        """The generalist on every image, the gate, each active specialist only on the inputs
+        that activate it, the combiner. Images are routed in waves (``wave_size``): each
+        specialist's rows are pooled over the wave and run in full batches, not in a sliver
+        of every batch."""
         x_all = self.check_images(images)
         qs, pgs, consulted = [], [], []
-        for start in range(0, len(x_all), self.batch_size):
+        wave = self.wave_size(len(x_all))
+        for start in range(0, len(x_all), wave):
             with self._stage("input to device, transform"):
-                raw = x_all[start : start + self.batch_size].to(self.device)
-                x = self.transform(raw)
-            q, p_g, pairs = self.combine_transformed(x, raw)
+                raw = x_all[start : start + wave].to(self.device)
+                bs = self.batch_size
+                xs = [self.transform(raw[i : i + bs]) for i in range(0, len(raw), bs)]
+            q, p_g, pairs = self._combine(xs, self._view(xs, raw), bs)
             with self._stage("outputs to host"):
                 by_row: list[list[int]] = [[] for _ in range(len(raw))]
                 for r, s in zip(pairs.rows.tolist(), pairs.specs.tolist()):
