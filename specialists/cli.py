@@ -394,6 +394,12 @@ def _train(args: argparse.Namespace) -> int:
 # evaluate and predict
 
 
+COMPILE_HELP = (
+    "run each model under torch.compile: compiling takes tens of seconds per model once, "
+    "then batches run faster (about 1.8x for test_efficientnet on a CPU)"
+)
+
+
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run", metavar="RUN", help="run directory with a generalist, clusters and specialists"
@@ -410,6 +416,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-size", type=int, help="specialists kept in memory at once (default: all)"
     )
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -422,6 +429,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         top_n=args.top_n,
         device=args.device,
         cache_size=args.cache_size,
+        compile=args.compile,
     )
     print(format_metrics(m))
     run = RunDir.of(args.run)
@@ -462,6 +470,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         help="threads decoding images (default: SPECIALISTS_DECODE_WORKERS, else the CPUs, at most 8)",
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def _predictor(args: argparse.Namespace, exported: bool):
@@ -474,10 +483,11 @@ def _predictor(args: argparse.Namespace, exported: bool):
     if args.model == "ensemble":
         from .ensemble import Ensemble
 
+        opts = {"top_n": args.top_n, "compile": args.compile}
         if exported:
-            ens = Ensemble.from_pretrained(args.run, args.device, top_n=args.top_n)
+            ens = Ensemble.from_pretrained(args.run, args.device, **opts)
         else:
-            ens = Ensemble.load(args.run, args.device, top_n=args.top_n)
+            ens = Ensemble.load(args.run, args.device, **opts)
 
         def predict(images):
             out = ens.run_batch(images)
@@ -495,6 +505,10 @@ def _predictor(args: argparse.Namespace, exported: bool):
     else:
         model, grec = load_generalist(run, device)
         transform = make_transforms(grec)[1]
+    if args.compile:
+        import torch
+
+        model = torch.compile(model, dynamic=True)
 
     def predict(images):
         probs = predict_proba(model, images, transform=transform, device=device)

@@ -138,6 +138,7 @@ class Ensemble(nn.Module):
         shared_trunk: bool = True,
         wave_bytes: int = 256 << 20,
         amp: str = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         comb = combination or Combination()
@@ -154,6 +155,8 @@ class Ensemble(nn.Module):
         self.top_n, self.batch_size = comb.top_n, batch_size
         self.wave_bytes = wave_bytes
         self.amp = amp
+        self.compiled = compile  # torch.compile each member on first use, with these options
+        self.compile_options: dict = {"dynamic": True}  # row counts vary from batch to batch
         self.cache_size = cache_size
         device = self.device
         self.groups = GroupIndex.from_lists(
@@ -217,11 +220,22 @@ class Ensemble(nn.Module):
     def _generalist_with_trunks(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The generalist's logits and the activations the sharing specialists start from."""
         if not self.trunks:
-            return self.generalist(x), {}
+            return self._plain_generalist(x), {}
         if "trunk" not in self._runner:
             cuts = {t.cut for t in self.trunks.values()}
-            self._runner["trunk"] = with_activations(self.generalist, cuts)
+            self._runner["trunk"] = self._compiled(with_activations(self.generalist, cuts))
         return self._runner["trunk"](x)
+
+    def _plain_generalist(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self.generalist(x)
+        if "plain" not in self._runner:
+            self._runner["plain"] = self._compiled(self.generalist)
+        return self._runner["plain"](x)
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        """``module`` under ``torch.compile`` when the ensemble compiles, else itself."""
+        return torch.compile(module, **self.compile_options) if self.compiled else module
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -236,6 +250,7 @@ class Ensemble(nn.Module):
         variant: str | None = None,
         combination: Combination | None = None,
         shared_trunk: bool = True,
+        compile: bool = False,
     ) -> Ensemble:
         """Load a run's ensemble, validating every file; ``variant`` (e.g. ``controls/random``)
         reads the groups and specialists from that subfolder instead.
@@ -244,7 +259,8 @@ class Ensemble(nn.Module):
         (``ensemble.json``, see :mod:`specialists.calibrate`), else the paper's (top-1 gating,
         equal weights); ``top_n`` overrides its gating width. Specialists that kept the
         generalist's first stages run from its activations (``shared_trunk``; off: each runs
-        whole, the same answers up to float rounding, slower)."""
+        whole, the same answers up to float rounding, slower). ``compile``: ``torch.compile``
+        each member on first use (minutes of compiling once, then faster batches)."""
         run = RunDir.of(run_dir)
         run.require_generalist()  # never a lock file in a folder that is not a run
         with run_lock(run.root, "reading the ensemble", reader=True):
@@ -269,6 +285,7 @@ class Ensemble(nn.Module):
             combination=combination,
             run=run,
             shared_trunk=shared_trunk,
+            compile=compile,
         )
 
     @classmethod
@@ -280,6 +297,7 @@ class Ensemble(nn.Module):
         top_n: int | None = None,
         cache_size: int | None = None,
         shared_trunk: bool = True,
+        compile: bool = False,
     ) -> Ensemble:
         """Load an ensemble written by ``specialists export`` (see :mod:`specialists.export`):
         no run directory needed, every file checked against the checksums in its JSON."""
@@ -298,6 +316,7 @@ class Ensemble(nn.Module):
             cache_size=cache_size,
             combination=parts.combination,
             shared_trunk=shared_trunk,
+            compile=compile,
         )
 
     def export(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> dict:
@@ -379,6 +398,7 @@ class Ensemble(nn.Module):
             if trunk is not None:
                 self._check_own_trunk(module, rec, trunk)
                 module = suffix_module(module, trunk.cut).to(self.device).eval()
+            module = self._compiled(module)
         self.loaded[key] = module
         if self.cache_size is not None and len(self.loaded) > self.cache_size:
             del self.loaded[next(iter(self.loaded))]
@@ -447,7 +467,8 @@ class Ensemble(nn.Module):
         out = []
         for i in range(0, len(x), self.batch_size):
             with self._autocast():
-                logits = self.generalist(self.transform(x[i : i + self.batch_size].to(self.device)))
+                batch = self.transform(x[i : i + self.batch_size].to(self.device))
+                logits = self._plain_generalist(batch)
             out.append(torch.softmax(logits.float(), 1).cpu())
         return torch.cat(out).numpy()
 

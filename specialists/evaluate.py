@@ -381,10 +381,12 @@ def evaluate_run(
     top_n: int | None = None,
     device: str = "auto",
     cache_size: int | None = None,
+    compile: bool = False,
 ) -> dict:
-    """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``."""
+    """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``.
+    ``compile``: every member under ``torch.compile`` (the generalist's speed too)."""
     run = RunDir.of(run_dir)
-    ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size)
+    ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size, compile=compile)
     # the state scored (the run's lock is held throughout: no writer changes it meanwhile)
     state = {
         "manifest_generation": manifest.generation(run.root),

@@ -1,0 +1,209 @@
+"""The shared trunk: found from the weights, run once, checked against the generalist; the
+ensemble's waves and the closed-form combination of one-specialist rows."""
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from timm.models import group_parameters
+
+from specialists import manifest
+from specialists.cli import main
+from specialists.combination import Combination
+from specialists.combiner import combine, objective, solve_em
+from specialists.ensemble import Ensemble, _take
+from specialists.errors import SpecialistsError
+from specialists.gating import GroupIndex, gate
+from specialists.models import create_model
+from specialists.run import RunDir
+from specialists.sources import load_data
+from specialists.storage import save_json
+from specialists.train.loop import keep_frozen_fixed
+from specialists.train.pipeline import train_specialists
+from specialists.train.specialist import SpecialistConfig, _set_trainable
+from specialists.trunk import find_shared_trunk, suffix_module, with_activations
+
+from .conftest import TINY_DATA
+from .test_specialists import run_dir  # noqa: F401  (the shared tiny run fixture)
+
+
+def _specialist_of(generalist, change: str):
+    """A copy of ``generalist`` with a new 5-way head; ``change`` = head | last | all says
+    which of its weights then differ from the generalist's."""
+    model = copy.deepcopy(generalist)
+    model.reset_classifier(5)
+    if change != "head":
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        names = [n for g in (sorted(groups)[-2:] if change == "last" else groups) for n in groups[g]]
+        state = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in names:
+                state[n].add_(0.01)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,size", [("test_efficientnet", 16), ("test_vit", 32)])
+def test_the_trunk_is_found_from_the_weights_and_runs_once(arch, size):
+    torch.manual_seed(0)
+    g = create_model(arch, 12, 3, size).eval()
+    x = torch.randn(6, 3, size, size)
+    head = find_shared_trunk(_specialist_of(g, "head"), g)
+    last = find_shared_trunk(_specialist_of(g, "last"), g)
+    assert find_shared_trunk(_specialist_of(g, "all"), g) is None  # the stem moved: none
+    assert head is not None and last is not None
+    assert last.n_tensors < head.n_tensors  # the last stage is the specialist's own
+    for change, trunk in (("head", head), ("last", last)):
+        model = _specialist_of(g, change)
+        own = suffix_module(model, trunk.cut)
+        runner = with_activations(g, [trunk.cut])
+        with torch.no_grad():
+            out, acts = runner(x)
+            assert torch.equal(out, g(x))  # the generalist's answer is unchanged
+            assert torch.allclose(own(acts[trunk.cut]), model(x), atol=1e-6)
+        n_own = sum(p.numel() for p in own.parameters())
+        assert n_own < sum(p.numel() for p in model.parameters())
+        if change == "head":  # only the classifier is the specialist's own
+            assert n_own == sum(p.numel() for p in model.get_classifier().parameters())
+
+
+def test_frozen_layers_keep_their_batch_norm_statistics():
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 5, 3)
+    _set_trainable(model, "last")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    keep_frozen_fixed(model)
+    model(torch.randn(8, 3, 16, 16))
+    after = model.state_dict()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    stats = [k for k in after if k.endswith("running_mean")]
+    moved = {k for k in stats if not torch.equal(before[k], after[k])}
+    owner = {k: k.rsplit(".", 1)[0] + ".weight" for k in stats}
+    assert moved and all(owner[k] not in frozen for k in moved)  # trained layers still learn
+    assert all(owner[k] in frozen for k in stats if k not in moved)
+    assert model.training and model.conv_stem.training  # the flag itself is left alone
+
+
+@pytest.fixture(scope="module")
+def shared_runs(run_dir, tmp_path_factory):  # noqa: F811
+    """The tiny run with specialists trained `--trainable last` and `--trainable head`."""
+    runs = {}
+    for mode in ("last", "head"):
+        out = tmp_path_factory.mktemp(f"trunk_{mode}") / "run"
+        shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("specialists"))
+        cfg = SpecialistConfig(epochs=1, batch_size=32, examples_per_epoch=128, trainable=mode)
+        train_specialists(out, cfg, workers=1, progress=False, calibrate=False)
+        runs[mode] = out
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["last", "head"])
+def test_the_shared_trunk_path_equals_the_plain_path(shared_runs, mode):
+    run = shared_runs[mode]
+    records = [json.loads(RunDir.of(run).specialist(i).record.read_text()) for i in range(3)]
+    assert all(r["shared_trunk"] and r["shared_trunk"]["n_tensors"] > 0 for r in records)
+    images = load_data(TINY_DATA).test.images
+    for top_n in (1, 2):
+        comb = Combination(top_n=top_n)
+        shared = Ensemble.load(run, combination=comb)
+        plain = Ensemble.load(run, combination=comb, shared_trunk=False)
+        assert len(shared.trunks) == 3 and not plain.trunks
+        a, b = shared.run_batch(images), plain.run_batch(images)
+        assert np.abs(a.q - b.q).max() <= 1e-5
+        assert a.consulted == b.consulted
+        # inference holds only the layers each specialist trained: all the frozen ones shared
+        model = create_model("test_efficientnet", 5, 3)
+        _set_trainable(model, mode)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        for module in shared.loaded.values():
+            assert {n for n, _ in module.named_parameters()} == trained
+        # the module's forward takes the same path
+        x = shared.preprocess(images[:10])
+        assert torch.allclose(shared(x).exp(), torch.from_numpy(b.q[:10]), atol=1e-5)
+
+
+def test_a_generalist_whose_stages_differ_is_refused(shared_runs, tmp_path, capsys):
+    run = shared_runs["last"]
+    ens = Ensemble.load(run)
+    generalist = copy.deepcopy(ens.generalist)
+    with torch.no_grad():
+        generalist.bn1.running_var.mul_(1.5)  # the stem's statistics: part of every trunk
+    with pytest.raises(SpecialistsError, match=r"000\.safetensors: specialist 0 was trained on"):
+        Ensemble(
+            generalist,
+            ens.record,
+            ens.all_specialists,
+            specialist_weights=ens.specialist_weights,
+            combination=Combination(),
+        )
+    # the run's own record says another trunk (edited by hand): one line, exit status 2
+    copy_run = tmp_path / "run"
+    shutil.copytree(run, copy_run)
+    path = RunDir.of(copy_run).specialist(1).record
+    record = json.loads(path.read_text())
+    record["shared_trunk"]["sha256"] = "0" * 64
+    save_json(path, record)
+    manifest.register(copy_run, path)
+    capsys.readouterr()
+    assert main(["evaluate", str(copy_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "001.safetensors: specialist 1 was trained on the generalist's stages" in err
+
+
+def test_waves_pool_rows_without_changing_answers(shared_runs):
+    images = load_data(TINY_DATA).test.images
+    ens = Ensemble.load(shared_runs["last"], combination=Combination())
+    ens.batch_size = 16
+    assert ens.wave_size(len(images)) == min(len(images), 16 * 3)
+    pooled = ens.predict_proba(images)
+    ens.wave_bytes = 0  # one batch at a time
+    assert ens.wave_size(len(images)) == 16
+    assert np.abs(ens.predict_proba(images) - pooled).max() <= 1e-6
+    parts = [torch.arange(0, 5), torch.arange(5, 9), torch.arange(9, 20)]
+    rows = torch.tensor([0, 4, 5, 10, 19])
+    assert torch.equal(_take(parts, rows), rows)
+    assert torch.equal(_take(parts, rows[2:3]), rows[2:3])
+
+
+def test_compiled_members_give_the_same_answers(shared_runs):
+    images = load_data(TINY_DATA).test.images[:24]
+    plain = Ensemble.load(shared_runs["head"], combination=Combination())
+    compiled = Ensemble.load(shared_runs["head"], combination=Combination(), compile=True)
+    compiled.compile_options = {"dynamic": True, "backend": "eager"}  # no C++ build in tests
+    assert np.abs(compiled.predict_proba(images) - plain.predict_proba(images)).max() <= 1e-5
+    assert all(type(m).__name__ == "OptimizedModule" for m in compiled.loaded.values())
+
+
+def _disjoint_instance(seed: int, dtype=torch.float64):
+    torch.manual_seed(seed)
+    k, sizes = 40, [3, 7, 10, 5, 15]
+    groups = GroupIndex.from_lists(
+        np.split(np.random.default_rng(seed).permutation(k), np.cumsum(sizes)[:-1]), n_classes=k
+    )
+    p_g = torch.softmax(3 * torch.randn(64, k, dtype=dtype), 1)
+    pairs = gate(p_g, groups, 1)
+    outs = [
+        torch.softmax(2 * torch.randn(len(r), sizes[m] + 1, dtype=dtype), 1)
+        for m, r in enumerate(pairs.per_specialist(len(sizes)))
+        if len(r)
+    ]
+    weights = torch.rand(len(sizes), dtype=torch.float64) * 2
+    return p_g, outs, pairs, groups, weights
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_specialist_rows_in_closed_form_are_the_optimum(seed):
+    p_g, outs, pairs, groups, w = _disjoint_instance(seed)
+    q = combine(p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7)
+    em = solve_em(p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7, tol=1e-14)
+    assert em.n_iter > 1  # EM iterates; the closed form does not need to
+    assert torch.allclose(q, em.q, rtol=0, atol=1e-12)
+    f = objective(q, p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7)
+    for _ in range(5):  # no nearby distribution does better
+        other = torch.softmax(torch.log(q) + 1e-3 * torch.randn_like(q), 1)
+        g = objective(other, p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7)
+        assert bool((f <= g + 1e-12).all())
