@@ -1,102 +1,279 @@
-"""Throughput of the ensemble, and of the distilled student where the run has one, relative to
-the generalist (top-n gating), measured in one run; then where the ensemble's time goes, stage
-by stage, on one batch (``Ensemble.profile``).
+"""What the ensemble costs at inference, and what it buys, for specialists that train all their
+layers, the last stage and the head, or the head only, measured in one run.
 
-    python benchmarks/bench_ensemble.py [RUN] [--top-n 1] [--images 4096]
+    python benchmarks/bench_ensemble.py [RUN ...] [--trainable all last head] [--top-n 1]
 
-Without RUN, builds a quick run on the embedded data (100 classes, 20 planted groups as the
-clusters, short training: the speed does not depend on how well the models are trained).
+Each RUN needs a generalist and its clusters (e.g. ``specialists demo --out runs/demo``, or
+``python benchmarks/real_data.py configs/omniglot.yaml --seeds 0``). For every ``--trainable``
+setting the run's generalist and groups are copied to ``--out`` (default ``runs/bench-ensemble``)
+and specialists are trained there with the run's own specialist settings but that one (a copy
+already trained with it is reused). Then, on the test split, with the paper's combination
+(top-n gating, every specialist, equal weights):
+
+- accuracy of the generalist and of the ensemble;
+- throughput of each, the best of ``--tries`` interleaved timings, and their ratio;
+- the ratio again when images are routed one batch at a time instead of in waves (each
+  specialist then runs on its sliver of every batch);
+- where one wave's time goes (``Ensemble.profile``);
+- for the full copies, their stacked forward pass (``torch.func`` over stacked weights, equal row
+  blocks) against one after another.
+
+Without RUN, a quick run on the embedded data (100 classes, the 20 planted groups as clusters,
+one epoch: speed only, its accuracies mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
+import shutil
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from specialists.artifacts import load_student
+from specialists.combination import Combination
+from specialists.config import load_config_file
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
 from specialists.evaluate import images_per_second
-from specialists.models import predict_proba
+from specialists.models import create_model, predict_proba
 from specialists.run import RunDir
 from specialists.sources import load_data
 from specialists.storage import save_json
 from specialists.train.generalist import GeneralistConfig, train_generalist
 from specialists.train.pipeline import train_specialists
-from specialists.train.specialist import SpecialistConfig
+from specialists.train.specialist import SpecialistConfig, _set_trainable
+
+COPIED = ("config.yaml", "generalist", "clusters.json", "clusters.png", "cache")
 
 
 def quick_run(root: Path, model: str) -> Path:
-    run = root / "run"
+    run = root / "quick"
     train_generalist(GeneralistConfig(model=model, epochs=1), run, progress=False)
     groups = [list(range(5 * g, 5 * g + 5)) for g in range(20)]
     save_json(RunDir.of(run).clusters, {"groups": [{"classes": g} for g in groups]})
-    train_specialists(run, SpecialistConfig(epochs=1, examples_per_epoch=128), progress=False)
     return run
+
+
+def with_specialists(run: Path, mode: str, out: Path) -> Path:
+    """A copy of ``run``'s generalist and groups with specialists trained ``--trainable mode``."""
+    dest = out / f"{run.name}-{mode}"
+    done = dest / "specialists" / "000.json"
+    if done.is_file() and json.loads(done.read_text())["config"]["trainable"] == mode:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in COPIED:
+        src = run / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    files = json.loads((run / "manifest.json").read_text())
+    files["files"] = {k: v for k, v in files["files"].items() if (dest / k).exists()}
+    (dest / "manifest.json").write_text(json.dumps(files, indent=2))
+    settings = run / "specialists.yaml"
+    cfg = (
+        SpecialistConfig(**load_config_file(settings)) if settings.is_file() else SpecialistConfig()
+    )
+    t = time.perf_counter()
+    train_specialists(dest, replace(cfg, trainable=mode), progress=False, calibrate=False)
+    print(f"  trained {mode} specialists of {run.name} in {time.perf_counter() - t:.0f} s")
+    return dest
+
+
+def trained_share(arch: str, mode: str) -> float:
+    model = create_model(arch, 10)
+    _set_trainable(model, mode)
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / total
+
+
+def stacked_vs_one_by_one(ens: Ensemble, images: np.ndarray, tries: int) -> tuple[float, float]:
+    """Seconds for every specialist's forward pass on an equal block of rows: one after
+    another, and stacked with ``torch.func`` (one vmapped call over stacked weights)."""
+    from torch.func import functional_call, stack_module_state
+
+    models = [ens.specialist(m) for m in range(len(ens.specialists))]
+    widest = max(m.get_classifier().out_features for m in models)
+    padded = []  # stacking needs equal shapes: heads padded with zero rows to the widest
+    for m in models:
+        head = m.get_classifier()
+        twin = copy.deepcopy(m)
+        twin.reset_classifier(widest)
+        with torch.no_grad():
+            new = twin.get_classifier()
+            new.weight.zero_()
+            new.bias.zero_()
+            new.weight[: head.out_features] = head.weight
+            new.bias[: head.out_features] = head.bias
+        padded.append(twin.to(ens.device).eval())
+    models = padded
+    rows = max(1, min(len(images), ens.wave_size(len(images))) // len(models))
+    x = ens.transform(torch.as_tensor(images[:rows]).to(ens.device))
+    xs = x.unsqueeze(0).expand(len(models), *x.shape).contiguous()
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def one(p, b, inputs):
+        return functional_call(skeleton, (p, b), (inputs,))
+
+    stacked = torch.vmap(one)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(tries):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.inference_mode():
+        a = best(lambda: [m(xs[i]) for i, m in enumerate(models)])
+        b = best(lambda: stacked(params, buffers, xs))
+    return a, b
+
+
+def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
+    comb = Combination(top_n=args.top_n)
+    ens = Ensemble.load(run, combination=comb)
+    bundle = load_data(DataSource.from_dict(ens.record.data))
+    images, labels = bundle.test.images, bundle.test.labels
+    out = ens.run_batch(images)
+    timed = images[: args.images]
+    g, e = ens.best_throughput(timed, tries=args.tries)
+    wave = ens.wave_bytes
+    ens.wave_bytes = 0  # one batch at a time
+    g1, e1 = ens.best_throughput(timed, tries=args.tries)
+    ens.wave_bytes = wave
+    stages = ens.profile(timed[: ens.wave_size(len(timed))], repeats=args.tries)
+    total = stages.pop("total")
+    spec = sum(v for k, v in stages.items() if k.startswith("specialist"))
+    row = {
+        "data": ens.record.data["kind"],
+        "run": run.name,
+        "mode": mode,
+        "architecture": ens.record.architecture,
+        "classes": ens.record.n_classes,
+        "specialists": len(ens.specialists),
+        "shared": len(ens.trunks),
+        "trained_share": trained_share(ens.record.architecture, mode),
+        "consulted": float(np.mean([len(c) for c in out.consulted])),
+        "generalist_acc": float((out.p_g.argmax(1) == labels).mean()),
+        "ensemble_acc": float((out.q.argmax(1) == labels).mean()),
+        "generalist_ips": g,
+        "ensemble_ips": e,
+        "ratio": e / g,
+        "batch_by_batch_ratio": e1 / g1,
+        "profile": {
+            "generalist": stages.get("generalist", 0.0) / total,
+            "specialists": spec / total,
+            "combiner": stages.get("combiner", 0.0) / total,
+            "rest": 1
+            - (stages.get("generalist", 0.0) + spec + stages.get("combiner", 0.0)) / total,
+        },
+    }
+    if mode == "all" and args.stacked:
+        row["one_by_one_s"], row["stacked_s"] = stacked_vs_one_by_one(ens, timed, args.tries)
+    return row
+
+
+def student_vs_generalist(run: Path, args: argparse.Namespace) -> str | None:
+    """The distilled student's throughput against the generalist's, where ``run`` has one."""
+    if not RunDir.of(run).student().files.record.is_file():
+        return None
+    ens = Ensemble.load(run)
+    model, record, transform = load_student(run, ens.device)
+    images = load_data(DataSource.from_dict(ens.record.data)).test.images[: args.images]
+
+    def student(x: np.ndarray) -> np.ndarray:
+        return predict_proba(model, x, transform=transform, device=ens.device)
+
+    g = max(images_per_second(ens.generalist_proba, images, 3) for _ in range(args.tries))
+    s = max(images_per_second(student, images, 3) for _ in range(args.tries))
+    return (
+        f"- {run.name}: student ({record.architecture}) {s:.0f} images/s, generalist {g:.0f} "
+        f"images/s: student / generalist = {s / g:.2f}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("run", nargs="?", help="an existing run directory")
-    ap.add_argument("--model", default="test_efficientnet")
+    ap.add_argument("runs", nargs="*", help="runs with a generalist and clusters")
+    ap.add_argument("--trainable", nargs="+", default=["all", "last", "head"])
+    ap.add_argument("--out", default="runs/bench-ensemble", help="where the copies are trained")
+    ap.add_argument("--model", default="test_efficientnet", help="the quick run's model")
     ap.add_argument("--top-n", type=int, default=1)
-    ap.add_argument("--images", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=4096, help="test images timed")
+    ap.add_argument("--tries", type=int, default=5)
+    ap.add_argument("--no-stacked", dest="stacked", action="store_false")
+    ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(args.run) if args.run else quick_run(Path(tmp), args.model)
-        ens = Ensemble.load(run, top_n=args.top_n)
-        images = load_data(DataSource.from_dict(ens.record.data)).test.images[: args.images]
-        out = ens.run_batch(images)
-        consulted = np.mean([len(c) for c in out.consulted])
-        g, e = ens.throughput(images, repeats=args.repeats)
+        runs = [Path(r) for r in args.runs] or [quick_run(Path(tmp), args.model)]
+        out = Path(args.out) if args.runs else Path(tmp)
+        rows = []
+        for run in runs:
+            for mode in args.trainable:
+                rows.append(measure(with_specialists(run, mode, out), mode, args))
+                r = rows[-1]
+                print(
+                    f"  {r['run']} {mode}: ratio {r['ratio']:.2f} "
+                    f"(batch by batch {r['batch_by_batch_ratio']:.2f})"
+                )
+        students = [line for run in runs if (line := student_vs_generalist(run, args))]
+    print(
+        f"\ntop-{args.top_n} gating, the paper's combination; throughput: best of {args.tries}, "
+        f"{args.images} test images at most, {torch.get_num_threads()} threads\n"
+    )
+    print(
+        "| data | specialists train | share of weights trained | specialists (sharing the "
+        "trunk) | consulted per image | generalist accuracy | ensemble accuracy | generalist "
+        "images/s | ensemble images/s | **ensemble / generalist** | batch by batch |"
+    )
+    print("|" + "---|" * 11)
+    for r in rows:
         print(
-            f"{ens.record.architecture}, {ens.record.n_classes} classes, {len(ens.specialists)} specialists, "
-            f"top-{args.top_n} gating: {consulted:.2f} specialists consulted per image"
+            f"| {r['data']} ({r['classes']} classes) | {r['mode']} | {100 * r['trained_share']:.0f}% "
+            f"| {r['specialists']} ({r['shared']}) | {r['consulted']:.2f} "
+            f"| {100 * r['generalist_acc']:.2f}% | {100 * r['ensemble_acc']:.2f}% "
+            f"| {r['generalist_ips']:.0f} | {r['ensemble_ips']:.0f} | **{r['ratio']:.2f}x** "
+            f"| {r['batch_by_batch_ratio']:.2f}x |"
         )
+    print("\nwhere one wave's time goes (share of the ensemble's time):\n")
+    print("| data | specialists train | generalist | specialists | combiner | the rest |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["profile"]
         print(
-            f"generalist: {g:.0f} images/s; ensemble: {e:.0f} images/s; ensemble / generalist = {e / g:.2f}"
+            f"| {r['data']} | {r['mode']} | {100 * p['generalist']:.0f}% "
+            f"| {100 * p['specialists']:.0f}% | {100 * p['combiner']:.1f}% | {100 * p['rest']:.0f}% |"
         )
-        batch = images[: ens.batch_size]
-        stages = ens.profile(batch, repeats=args.repeats)
-        total = stages.pop("total")
-        print(f"one batch of {len(batch)} images, {1e3 * total:.1f} ms (median of {args.repeats}):")
-        specialists = {k: v for k, v in stages.items() if k.startswith("specialist")}
-        for name, seconds in stages.items():
-            if name not in specialists:
-                print(f"  {name:28s} {1e3 * seconds:8.2f} ms  {100 * seconds / total:5.1f}%")
-        spec = sum(v for k, v in specialists.items() if not k.endswith("input"))
-        views = sum(v for k, v in specialists.items() if k.endswith("input"))
-        n = sum(1 for k in specialists if not k.endswith("input"))
-        print(
-            f"  {f'{n} specialists, forward':28s} {1e3 * spec:8.2f} ms  {100 * spec / total:5.1f}%"
-        )
-        print(
-            f"  {'their inputs (row gathers)':28s} {1e3 * views:8.2f} ms  {100 * views / total:5.1f}%"
-        )
-        rest = total - sum(stages.values())
-        print(
-            f"  {'other (Python, bookkeeping)':28s} {1e3 * rest:8.2f} ms  {100 * rest / total:5.1f}%"
-        )
-        if RunDir.of(run).student().files.record.is_file():
-            model, record, transform = load_student(run, ens.device)
-
-            def student(x: np.ndarray) -> np.ndarray:
-                return predict_proba(model, x, transform=transform, device=ens.device)
-
-            g2 = images_per_second(ens.generalist_proba, images, args.repeats)
-            s = images_per_second(student, images, args.repeats)
+    stacked = [r for r in rows if "stacked_s" in r]
+    if stacked:
+        print("\nfull copies, every specialist on an equal block of rows:\n")
+        for r in stacked:
             print(
-                f"student ({record.architecture}): {s:.0f} images/s; generalist (measured again "
-                f"just before): {g2:.0f} images/s; student / generalist = {s / g2:.2f}"
+                f"- {r['data']}: one after another {1e3 * r['one_by_one_s']:.1f} ms, stacked "
+                f"(torch.func) {1e3 * r['stacked_s']:.1f} ms: stacked / one by one = "
+                f"{r['stacked_s'] / r['one_by_one_s']:.2f}"
             )
+    if students:
+        print("\nthe distilled student (best of the same number of tries):\n")
+        print("\n".join(students))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def _specialist_of(generalist, change: str):
     model.reset_classifier(5)
     if change != "head":
         groups = group_parameters(model, model.group_matcher(coarse=True))
-        names = [n for g in (sorted(groups)[-2:] if change == "last" else groups) for n in groups[g]]
+        names = [
+            n for g in (sorted(groups)[-2:] if change == "last" else groups) for n in groups[g]
+        ]
         state = dict(model.named_parameters())
         with torch.no_grad():
             for n in names:
