@@ -7,6 +7,8 @@ Three cases on synthetic instances:
    ratio come from the same run.
 2. slow (the realistic instance with top-3 gating and every specialist weighted 8, where plain EM
    crawls): the default accelerated EM (SQUAREM jumps) against plain EM, same run.
+2b. top-1 over 20 disjoint groups of 50 (K=1000, B=512, float32, as in the ensemble): every
+   example has one specialist, which ``combine`` solves in closed form; against EM.
 3. large (default K=15,000, 61 groups of 300, B=64): EM alone.
 4. huge (default K=100,000, 300 overlapping groups of 600, B=64): the group index (held
    sparsely), gating and EM, time per image and the process's peak memory.
@@ -30,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from specialists.combiner import objective, solve_em
+from specialists.combiner import combine, objective, solve_em
 from specialists.gating import GroupIndex, gate
 from specialists.reference import solve_gd
 
@@ -44,13 +46,18 @@ def make_instance(
     seed: int,
     dtype: torch.dtype,
     device: str,
+    disjoint: bool = False,
 ):
-    """Random overlapping groups of equal size, a generalist and the active specialists'
-    outputs as one (A, |S| + 1) tensor."""
+    """Random overlapping (or ``disjoint``) groups of equal size, a generalist and the active
+    specialists' outputs as one (A, |S| + 1) tensor."""
     gen = torch.Generator().manual_seed(seed)
-    lists = [
-        torch.randperm(n_classes, generator=gen)[:group_size].tolist() for _ in range(n_groups)
-    ]
+    if disjoint:
+        order = torch.randperm(n_classes, generator=gen)
+        lists = [order[i * group_size : (i + 1) * group_size].tolist() for i in range(n_groups)]
+    else:
+        lists = [
+            torch.randperm(n_classes, generator=gen)[:group_size].tolist() for _ in range(n_groups)
+        ]
     groups = GroupIndex.from_lists(lists, n_classes, device=device)
     logits = 3.0 * torch.randn(n_rows, n_classes, generator=gen, dtype=torch.float64)
     p_g = torch.softmax(logits, 1)
@@ -169,6 +176,21 @@ def main() -> None:
         f"converged={fast.converged}; time plain / accelerated = {t_plain / t_fast:.1f}x, "
         f"max |q difference| {(fast.q - plain.q).abs().max():.1e}, "
         f"mean objective {f_plain.mean():.10f} vs {f_fast.mean():.10f}"
+    )
+
+    print("\n[2b] top-1 over disjoint groups, one specialist per example: closed form vs EM")
+    p_g, spec, pairs, groups = make_instance(
+        512, 1000, 20, 50, 1, args.seed, f32, dev, disjoint=True
+    )
+    print("   ", describe(p_g, pairs, groups))
+    t_em, em = bench_em(p_g, spec, pairs, groups, args.repeats, dev)
+    combine(p_g, spec, pairs, groups)  # warm-up
+    runs = [timed(lambda: combine(p_g, spec, pairs, groups), dev) for _ in range(args.repeats)]
+    t_cf, q = statistics.median(t for t, _ in runs), runs[0][1]
+    print(
+        f"    EM float32 : {t_em * 1e3:9.2f} ms  {em.n_iter} iterations\n"
+        f"    closed form: {t_cf * 1e3:9.2f} ms  (combine); time EM / closed form = "
+        f"{t_em / t_cf:.1f}x, max |q difference| {(q - em.q).abs().max():.1e}"
     )
 
     if args.skip_large:

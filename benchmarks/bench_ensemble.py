@@ -15,6 +15,7 @@ already trained with it is reused). Then, on the test split, with the paper's co
 - the ratio again when images are routed one batch at a time instead of in waves (each
   specialist then runs on its sliver of every batch);
 - where one wave's time goes (``Ensemble.profile``);
+- both again with the members and their inputs channels-last (NHWC);
 - for the full copies, their stacked forward pass (``torch.func`` over stacked weights, equal row
   blocks) against one after another.
 
@@ -181,6 +182,9 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
             - (stages.get("generalist", 0.0) + spec + stages.get("combiner", 0.0)) / total,
         },
     }
+    nhwc = Ensemble.load(run, combination=comb, channels_last=True)
+    g2, e2 = nhwc.best_throughput(timed, tries=args.tries)
+    row["channels_last"] = {"generalist": g2 / g, "ensemble": e2 / e, "ratio": e2 / g2}
     if mode == "all" and args.stacked:
         row["one_by_one_s"], row["stacked_s"] = stacked_vs_one_by_one(ens, timed, args.tries)
     return row
@@ -259,6 +263,15 @@ def main() -> None:
         print(
             f"| {r['data']} | {r['mode']} | {100 * p['generalist']:.0f}% "
             f"| {100 * p['specialists']:.0f}% | {100 * p['combiner']:.1f}% | {100 * p['rest']:.0f}% |"
+        )
+    print("\nchannels-last (NHWC) members and inputs, against the default layout:\n")
+    print("| data | specialists train | generalist | ensemble | ensemble / generalist |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        c = r["channels_last"]
+        print(
+            f"| {r['data']} | {r['mode']} | {c['generalist']:.2f}x | {c['ensemble']:.2f}x "
+            f"| {c['ratio']:.2f}x |"
         )
     stacked = [r for r in rows if "stacked_s" in r]
     if stacked:

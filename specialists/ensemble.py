@@ -139,6 +139,7 @@ class Ensemble(nn.Module):
         wave_bytes: int = 256 << 20,
         amp: str = "auto",
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         comb = combination or Combination()
@@ -157,6 +158,11 @@ class Ensemble(nn.Module):
         self.amp = amp
         self.compiled = compile  # torch.compile each member on first use, with these options
         self.compile_options: dict = {"dynamic": True}  # row counts vary from batch to batch
+        # NHWC memory layout for the members and their inputs: faster convolutions on some
+        # hardware (on a CPU it depends on the model and the batch size: measure)
+        self.channels_last = channels_last
+        if channels_last:
+            self.generalist.to(memory_format=torch.channels_last)
         self.cache_size = cache_size
         device = self.device
         self.groups = GroupIndex.from_lists(
@@ -233,6 +239,10 @@ class Ensemble(nn.Module):
             self._runner["plain"] = self._compiled(self.generalist)
         return self._runner["plain"](x)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the members' memory layout."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _compiled(self, module: nn.Module) -> nn.Module:
         """``module`` under ``torch.compile`` when the ensemble compiles, else itself."""
         return torch.compile(module, **self.compile_options) if self.compiled else module
@@ -251,6 +261,7 @@ class Ensemble(nn.Module):
         combination: Combination | None = None,
         shared_trunk: bool = True,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> Ensemble:
         """Load a run's ensemble, validating every file; ``variant`` (e.g. ``controls/random``)
         reads the groups and specialists from that subfolder instead.
@@ -260,7 +271,8 @@ class Ensemble(nn.Module):
         equal weights); ``top_n`` overrides its gating width. Specialists that kept the
         generalist's first stages run from its activations (``shared_trunk``; off: each runs
         whole, the same answers up to float rounding, slower). ``compile``: ``torch.compile``
-        each member on first use (minutes of compiling once, then faster batches)."""
+        each member on first use (minutes of compiling once, then faster batches).
+        ``channels_last``: the members and their inputs in NHWC layout."""
         run = RunDir.of(run_dir)
         run.require_generalist()  # never a lock file in a folder that is not a run
         with run_lock(run.root, "reading the ensemble", reader=True):
@@ -286,6 +298,7 @@ class Ensemble(nn.Module):
             run=run,
             shared_trunk=shared_trunk,
             compile=compile,
+            channels_last=channels_last,
         )
 
     @classmethod
@@ -298,6 +311,7 @@ class Ensemble(nn.Module):
         cache_size: int | None = None,
         shared_trunk: bool = True,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> Ensemble:
         """Load an ensemble written by ``specialists export`` (see :mod:`specialists.export`):
         no run directory needed, every file checked against the checksums in its JSON."""
@@ -317,6 +331,7 @@ class Ensemble(nn.Module):
             combination=parts.combination,
             shared_trunk=shared_trunk,
             compile=compile,
+            channels_last=channels_last,
         )
 
     def export(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> dict:
@@ -424,6 +439,8 @@ class Ensemble(nn.Module):
                 sha256=rec.weights_sha256,  # the file the ensemble was loaded with, not a newer one
             )
             model.to(self.device).eval().requires_grad_(False)
+            if self.channels_last:
+                model.to(memory_format=torch.channels_last)
         return model
 
     def _check_own_trunk(self, model: nn.Module, rec: SpecialistRecord, t: SharedTrunk) -> None:
@@ -468,7 +485,7 @@ class Ensemble(nn.Module):
         for i in range(0, len(x), self.batch_size):
             with self._autocast():
                 batch = self.transform(x[i : i + self.batch_size].to(self.device))
-                logits = self._plain_generalist(batch)
+                logits = self._plain_generalist(self._layout(batch))
             out.append(torch.softmax(logits.float(), 1).cpu())
         return torch.cat(out).numpy()
 
@@ -529,7 +546,7 @@ class Ensemble(nn.Module):
                     f"specialist {rec.id} takes {rec.size(self.record)} px inputs: it needs "
                     "the untransformed images, not the generalist's view"
                 )
-            return self.transform_for(rec)(raw[rows])
+            return self._layout(self.transform_for(rec)(raw[rows]))
 
         return view
 
@@ -619,7 +636,7 @@ class Ensemble(nn.Module):
             with self._stage("input to device, transform"):
                 raw = x_all[start : start + wave].to(self.device)
                 bs = self.batch_size
-                xs = [self.transform(raw[i : i + bs]) for i in range(0, len(raw), bs)]
+                xs = [self._layout(self.transform(raw[i : i + bs])) for i in range(0, len(raw), bs)]
             q, p_g, pairs = self._combine(xs, self._view(xs, raw), bs)
             with self._stage("outputs to host"):
                 by_row: list[list[int]] = [[] for _ in range(len(raw))]

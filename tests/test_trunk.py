@@ -171,13 +171,17 @@ def test_waves_pool_rows_without_changing_answers(shared_runs):
     assert torch.equal(_take(parts, rows[2:3]), rows[2:3])
 
 
-def test_compiled_members_give_the_same_answers(shared_runs):
+def test_compiled_and_channels_last_members_give_the_same_answers(shared_runs):
     images = load_data(TINY_DATA).test.images[:24]
     plain = Ensemble.load(shared_runs["head"], combination=Combination())
     compiled = Ensemble.load(shared_runs["head"], combination=Combination(), compile=True)
     compiled.compile_options = {"dynamic": True, "backend": "eager"}  # no C++ build in tests
     assert np.abs(compiled.predict_proba(images) - plain.predict_proba(images)).max() <= 1e-5
     assert all(type(m).__name__ == "OptimizedModule" for m in compiled.loaded.values())
+    nhwc = Ensemble.load(shared_runs["last"], combination=Combination(), channels_last=True)
+    plain = Ensemble.load(shared_runs["last"], combination=Combination())
+    assert np.abs(nhwc.predict_proba(images) - plain.predict_proba(images)).max() <= 1e-5
+    assert nhwc.generalist.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _disjoint_instance(seed: int, dtype=torch.float64):
