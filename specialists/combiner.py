@@ -275,7 +275,7 @@ def pack(
 
 
 def _one_specialist(p_g: Tensor, w_g: float, e: _Entries) -> tuple[Tensor, Tensor]:
-    """q (B, K) float64 solved in closed form for the examples with exactly one active
+    """q (B, K) in p_g's dtype, solved in closed form for the examples with exactly one active
     specialist (top-1 gating over disjoint groups), p_g elsewhere, and the mask of the pairs
     so solved.
 
@@ -283,29 +283,85 @@ def _one_specialist(p_g: Tensor, w_g: float, e: _Entries) -> tuple[Tensor, Tenso
     q_c = (w_g p_g(c) + w_m p_m(c)) / D, and the mass outside, (w_g G + w_m d_m) / D with
     G = p_g's mass outside S_m, is shared among those classes in p_g's proportions (D = w_g +
     w_m). This is EM's fixed point, reached without iterating. A generalist with no mass at all
-    outside S_m (G = 0) has no attained optimum: such pairs are left to EM and its cap."""
-    q = p_g.double()
-    if q is p_g:
-        q = q.clone()
-    n_pairs = e.rows.numel()
+    outside S_m (G = 0) has no attained optimum: such pairs are left to EM and its cap.
+
+    The sums and the group's entries are computed in float64; the classes outside are p_g
+    times one factor per example, a single pass over (B, K) in p_g's own precision."""
+    n_rows, n_pairs = p_g.shape[0], e.rows.numel()
     if n_pairs == 0:
-        return q, torch.zeros(0, dtype=torch.bool, device=q.device)
-    n_classes = q.shape[1]
-    pg = q[e.rows]  # (A, K)
-    flat = e.entry_pair * n_classes + e.entry_class  # (E,) in the (A, K) block
-    inside = torch.zeros(n_pairs, dtype=torch.float64, device=q.device)
-    inside.index_add_(0, e.entry_pair, pg.reshape(-1)[flat])
-    outside = pg.sum(1) - inside  # (A,)
-    alone = torch.bincount(e.rows, minlength=len(q))[e.rows] == 1
+        return p_g.clone(), torch.zeros(0, dtype=torch.bool, device=p_g.device)
+    pg_e = p_g[e.rows[e.entry_pair], e.entry_class].double()  # (E,) p_g inside each group
+    inside = torch.zeros(n_pairs, dtype=torch.float64, device=p_g.device)
+    inside.index_add_(0, e.entry_pair, pg_e)
+    outside = p_g.sum(1, dtype=torch.float64)[e.rows] - inside  # (A,)
+    alone = torch.bincount(e.rows, minlength=n_rows)[e.rows] == 1
     solved = alone & (outside > 0)
     w, d = e.pair_w, e.dust
     denom = w_g + w  # (A,)
-    block = pg * ((w_g * outside + w * d) / (denom * outside.clamp_min(1e-300)))[:, None]
-    block.reshape(-1)[flat] = (
-        w_g * pg.reshape(-1)[flat] + w[e.entry_pair] * e.entry_prob.double()
-    ) / denom[e.entry_pair]
-    q[e.rows[solved]] = block[solved]
+    scale = torch.ones(n_rows, dtype=torch.float64, device=p_g.device)
+    factor = (w_g * outside + w * d) / (denom * outside.clamp_min(1e-300))
+    scale[e.rows[solved]] = factor[solved]
+    q = p_g * scale.to(p_g.dtype)[:, None]
+    value = (w_g * pg_e + w[e.entry_pair] * e.entry_prob.double()) / denom[e.entry_pair]
+    on = solved[e.entry_pair]
+    q[e.rows[e.entry_pair[on]], e.entry_class[on]] = value[on].to(p_g.dtype)
     return q, solved
+
+
+def _one_specialist_blocks(
+    p_g: Tensor,
+    blocks: Sequence[Tensor],
+    pairs: ActivePairs,
+    groups: GroupIndex,
+    spec_weights: Tensor | Sequence[float] | None,
+    w_g: float,
+) -> Tensor | None:
+    """``_one_specialist`` for the ensemble's layout, with dense per-block arithmetic: each
+    block holds rows of one specialist (as ``pairs.per_specialist`` splits them), every example
+    has at most one pair, and every generalist row puts mass outside its group. None when
+    any of that does not hold (``combine`` then takes the general path)."""
+    rows = pairs.rows
+    if rows.numel() == 0 or len(p_g) == 0:
+        return None
+    if int(torch.bincount(rows, minlength=len(p_g)).max()) > 1:
+        return None
+    weights = (
+        torch.ones(len(groups), dtype=torch.float64)
+        if spec_weights is None
+        else torch.as_tensor(spec_weights, dtype=torch.float64).cpu()
+    )
+    if weights.shape != (len(groups),) or bool((weights < 0).any()):
+        return None  # the general path raises the clear error
+    specs = pairs.specs.tolist()
+    members, offsets = groups.members.to(p_g.device), groups.offsets.tolist()
+    q = p_g.clone()
+    start = 0
+    for block in blocks:
+        n = len(block)
+        if n == 0:
+            continue
+        m = specs[start]
+        if specs[start + n - 1] != m or block.shape[1] != offsets[m + 1] - offsets[m] + 1:
+            return None
+        r = rows[start : start + n].to(p_g.device)
+        cls = members[offsets[m] : offsets[m + 1]]
+        pg = p_g.index_select(0, r)  # (n, K)
+        pg_in = pg.index_select(1, cls)  # (n, |S|)
+        # the sums in float64 (G can be a small difference of two sums near 1); the rest in
+        # p_g's precision, one rounding from the exact value
+        outside = pg.sum(1, dtype=torch.float64) - pg_in.sum(1, dtype=torch.float64)
+        if not bool((outside > 0).all()):
+            return None
+        w = float(weights[m])
+        denom = w_g + w
+        dust = block[:, -1].to(device=p_g.device, dtype=torch.float64)
+        factor = (w_g * outside + w * dust) / (denom * outside)
+        pg.mul_(factor.to(pg.dtype)[:, None])
+        inside = pg_in.mul_(w_g / denom).add_(block[:, :-1].to(pg_in), alpha=w / denom)
+        pg.index_copy_(1, cls, inside)
+        q.index_copy_(0, r, pg)
+        start += n
+    return q if start == rows.numel() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,13 +612,19 @@ def combine(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     with torch.no_grad():
+        if not isinstance(spec_probs, Tensor) and p_g.dim() == 2 and generalist_weight > 0:
+            q = _one_specialist_blocks(
+                p_g, spec_probs, pairs, groups, spec_weights, generalist_weight
+            )
+            if q is not None:
+                return q
         e = _entries(p_g, spec_probs, pairs, groups, spec_weights, generalist_weight)
         q, solved = _one_specialist(p_g, generalist_weight, e)
         if not bool(solved.all()):  # examples with several specialists: EM
             tol = default_tol(p_g.dtype) if tol is None else tol
             packed = _packed(p_g, generalist_weight, e, keep=~solved)
-            q[packed.act_rows] = _em(packed, tol, max_iter, True).q[packed.act_rows].double()
-        return q.to(p_g.dtype)
+            q[packed.act_rows] = _em(packed, tol, max_iter, True).q[packed.act_rows]
+        return q
 
 
 def objective(

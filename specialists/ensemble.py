@@ -645,6 +645,8 @@ class Ensemble(nn.Module):
                 qs.append(q.cpu())
                 pgs.append(p_g.cpu())
                 consulted.extend(by_row)
+        if len(qs) == 1:  # one wave: no copy
+            return EnsembleOutput(qs[0].numpy(), pgs[0].numpy(), consulted)
         return EnsembleOutput(torch.cat(qs).numpy(), torch.cat(pgs).numpy(), consulted)
 
     def profile(self, images: np.ndarray | torch.Tensor, repeats: int = 3) -> dict[str, float]:

@@ -160,7 +160,8 @@ def gate(
     p_g: Tensor, groups: GroupIndex, top_n: int = 1, confidence: float | None = None
 ) -> ActivePairs:
     """Active pairs: specialist m is active for example b when one of the generalist's top-n
-    classes for b is in S_m (the paper uses n = 1). Ties in p_g are broken by ``torch.topk``.
+    classes for b is in S_m (the paper uses n = 1). Ties in p_g are broken by ``torch.max``
+    (n = 1) or ``torch.topk``.
     ``confidence`` (the cascade): examples whose top generalist probability is at least this
     activate no specialist."""
     if p_g.dim() != 2 or p_g.shape[1] != groups.n_classes:
@@ -168,11 +169,12 @@ def gate(
     if not 1 <= top_n <= groups.n_classes:
         raise ValueError(f"top_n must be in [1, {groups.n_classes}], got {top_n}")
     groups = groups.to(p_g.device)
-    top = p_g.topk(top_n, dim=1)  # (B, n)
-    classes = top.indices.reshape(-1)  # (B n,): example b's top classes at b n ... b n + n - 1
+    # (B, n) each; for n = 1, max: about twice as fast as topk
+    values, indices = p_g.max(1, keepdim=True) if top_n == 1 else p_g.topk(top_n, dim=1)
+    classes = indices.reshape(-1)  # (B n,): example b's top classes at b n ... b n + n - 1
     if confidence is not None:  # the cascade: sure examples gate nothing
-        classes = classes[(top.values[:, 0] < confidence).repeat_interleave(top_n)]
-        rows_of = torch.nonzero(top.values[:, 0] < confidence).squeeze(1).repeat_interleave(top_n)
+        classes = classes[(values[:, 0] < confidence).repeat_interleave(top_n)]
+        rows_of = torch.nonzero(values[:, 0] < confidence).squeeze(1).repeat_interleave(top_n)
     else:
         rows_of = torch.arange(p_g.shape[0], device=p_g.device).repeat_interleave(top_n)
     which, specs = groups.groups_of(classes)
