@@ -40,7 +40,7 @@ import torch
 
 from specialists.artifacts import load_student
 from specialists.combination import Combination
-from specialists.config import load_config_file
+from specialists.config import load_config_file, write_config
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
 from specialists.evaluate import images_per_second
@@ -60,6 +60,7 @@ def quick_run(root: Path, model: str) -> Path:
     train_generalist(GeneralistConfig(model=model, epochs=1), run, progress=False)
     groups = [list(range(5 * g, 5 * g + 5)) for g in range(20)]
     save_json(RunDir.of(run).clusters, {"groups": [{"classes": g} for g in groups]})
+    write_config(run / "specialists.yaml", SpecialistConfig(epochs=1, examples_per_epoch=128))
     return run
 
 
@@ -151,11 +152,12 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
     out = ens.run_batch(images)
     timed = images[: args.images]
     g, e = ens.best_throughput(timed, tries=args.tries)
-    wave = ens.wave_bytes
+    budget = ens.wave_bytes
     ens.wave_bytes = 0  # one batch at a time
     g1, e1 = ens.best_throughput(timed, tries=args.tries)
-    ens.wave_bytes = wave
-    stages = ens.profile(timed[: ens.wave_size(len(timed))], repeats=args.tries)
+    ens.wave_bytes = budget
+    wave = timed[: ens.wave_size(len(timed))]
+    stages = ens.profile(wave, repeats=args.tries)
     total = stages.pop("total")
     spec = sum(v for k, v in stages.items() if k.startswith("specialist"))
     row = {
@@ -174,6 +176,8 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
         "ensemble_ips": e,
         "ratio": e / g,
         "batch_by_batch_ratio": e1 / g1,
+        "wave": len(wave),
+        "stages_ms": {"total": 1e3 * total, **{k: 1e3 * v for k, v in stages.items()}},
         "profile": {
             "generalist": stages.get("generalist", 0.0) / total,
             "specialists": spec / total,
@@ -264,6 +268,18 @@ def main() -> None:
             f"| {r['data']} | {r['mode']} | {100 * p['generalist']:.0f}% "
             f"| {100 * p['specialists']:.0f}% | {100 * p['combiner']:.1f}% | {100 * p['rest']:.0f}% |"
         )
+    print("\none wave, stage by stage (median ms of the tries, share of the total):\n")
+    for r in rows:
+        st = dict(r["stages_ms"])
+        total = st.pop("total")
+        other = total - sum(st.values())
+        spec = {k: st.pop(k) for k in list(st) if k.startswith("specialist")}
+        forward = [v for k, v in spec.items() if not k.endswith("input")]
+        st[f"{len(forward)} specialists' forward passes"] = sum(forward)
+        st["their inputs (row gathers)"] = sum(v for k, v in spec.items() if k.endswith("input"))
+        parts = [f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in st.items()]
+        parts.append(f"other {other:.1f} ({100 * other / total:.0f}%)")
+        print(f"- {r['data']} {r['mode']}, {r['wave']} images, {total:.1f} ms: " + ", ".join(parts))
     print("\nchannels-last (NHWC) members and inputs, against the default layout:\n")
     print("| data | specialists train | generalist | ensemble | ensemble / generalist |")
     print("|---|---|---|---|---|")
