@@ -129,7 +129,8 @@ def collect(
         for start in range(0, len(r), ensemble.batch_size):
             idx = r[start : start + ensemble.batch_size]
             x = ensemble.transform_for(records[m])(x_all[idx].to(ensemble.device))
-            out.append(model(x).double().cpu())
+            with ensemble._autocast():  # as inference runs it (bf16 on CUDA by default)
+                out.append(model(x).double().cpu())
         width = len(records[m].classes) + 1
         logits.append(torch.cat(out) if out else torch.zeros(0, width, dtype=torch.float64))
     return Collected(

@@ -400,6 +400,10 @@ COMPILE_HELP = (
 )
 
 
+AMP_CHOICES = ["auto", "bf16", "fp16", "off"]
+AMP_HELP = "mixed precision on CUDA: auto (bf16 where supported, the default), bf16, fp16, off"
+
+
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run", metavar="RUN", help="run directory with a generalist, clusters and specialists"
@@ -417,6 +421,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "--cache-size", type=int, help="specialists kept in memory at once (default: all)"
     )
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -430,6 +435,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         cache_size=args.cache_size,
         compile=args.compile,
+        amp=args.amp,
     )
     print(format_metrics(m))
     run = RunDir.of(args.run)
@@ -471,6 +477,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP)
 
 
 def _predictor(args: argparse.Namespace, exported: bool):
@@ -483,7 +490,7 @@ def _predictor(args: argparse.Namespace, exported: bool):
     if args.model == "ensemble":
         from .ensemble import Ensemble
 
-        opts = {"top_n": args.top_n, "compile": args.compile}
+        opts = {"top_n": args.top_n, "compile": args.compile, "amp": args.amp}
         if exported:
             ens = Ensemble.from_pretrained(args.run, args.device, **opts)
         else:
@@ -511,7 +518,7 @@ def _predictor(args: argparse.Namespace, exported: bool):
         model = torch.compile(model, dynamic=True)
 
     def predict(images):
-        probs = predict_proba(model, images, transform=transform, device=device)
+        probs = predict_proba(model, images, transform=transform, device=device, amp=args.amp)
         return probs, [[] for _ in probs]
 
     return predict, grec.input_size, grec.in_chans, grec.class_names, grec.data

@@ -274,6 +274,21 @@ def pack(
     return _packed(p_g, generalist_weight, e)
 
 
+def _scaled(p: Tensor, factor: Tensor) -> Tensor:
+    """Rows of ``p`` times ``factor`` (float64, one per row), in ``p``'s dtype. A factor beyond
+    that dtype's range (a generalist so sure that its mass outside a group is denormal) is
+    applied in float64, so the products, at most 1, stay finite and 0 stays 0."""
+    if float(factor.max()) < torch.finfo(p.dtype).max:
+        return p.mul_(factor.to(p.dtype)[:, None])
+    return p.copy_(p.double().mul_(factor[:, None]))
+
+
+def _has_outside(outside: Tensor, total: Tensor) -> Tensor:
+    """Whether the generalist's mass outside a group is there, not rounding noise (a group of
+    every class leaves none: its closed form would not hold)."""
+    return outside > 1e-12 * total
+
+
 def _one_specialist(p_g: Tensor, w_g: float, e: _Entries) -> tuple[Tensor, Tensor]:
     """q (B, K) in p_g's dtype, solved in closed form for the examples with exactly one active
     specialist (top-1 gating over disjoint groups), p_g elsewhere, and the mask of the pairs
@@ -293,15 +308,16 @@ def _one_specialist(p_g: Tensor, w_g: float, e: _Entries) -> tuple[Tensor, Tenso
     pg_e = p_g[e.rows[e.entry_pair], e.entry_class].double()  # (E,) p_g inside each group
     inside = torch.zeros(n_pairs, dtype=torch.float64, device=p_g.device)
     inside.index_add_(0, e.entry_pair, pg_e)
-    outside = p_g.sum(1, dtype=torch.float64)[e.rows] - inside  # (A,)
+    total = p_g.sum(1, dtype=torch.float64)[e.rows]
+    outside = total - inside  # (A,)
     alone = torch.bincount(e.rows, minlength=n_rows)[e.rows] == 1
-    solved = alone & (outside > 0)
+    solved = alone & _has_outside(outside, total)
     w, d = e.pair_w, e.dust
     denom = w_g + w  # (A,)
     scale = torch.ones(n_rows, dtype=torch.float64, device=p_g.device)
     factor = (w_g * outside + w * d) / (denom * outside.clamp_min(1e-300))
     scale[e.rows[solved]] = factor[solved]
-    q = p_g * scale.to(p_g.dtype)[:, None]
+    q = _scaled(p_g.clone(), scale)
     value = (w_g * pg_e + w[e.entry_pair] * e.entry_prob.double()) / denom[e.entry_pair]
     on = solved[e.entry_pair]
     q[e.rows[e.entry_pair[on]], e.entry_class[on]] = value[on].to(p_g.dtype)
@@ -349,14 +365,15 @@ def _one_specialist_blocks(
         pg_in = pg.index_select(1, cls)  # (n, |S|)
         # the sums in float64 (G can be a small difference of two sums near 1); the rest in
         # p_g's precision, one rounding from the exact value
-        outside = pg.sum(1, dtype=torch.float64) - pg_in.sum(1, dtype=torch.float64)
-        if not bool((outside > 0).all()):
+        total = pg.sum(1, dtype=torch.float64)
+        outside = total - pg_in.sum(1, dtype=torch.float64)
+        if not bool(_has_outside(outside, total).all()):
             return None
         w = float(weights[m])
         denom = w_g + w
         dust = block[:, -1].to(device=p_g.device, dtype=torch.float64)
         factor = (w_g * outside + w * dust) / (denom * outside)
-        pg.mul_(factor.to(pg.dtype)[:, None])
+        _scaled(pg, factor)
         inside = pg_in.mul_(w_g / denom).add_(block[:, :-1].to(pg_in), alpha=w / denom)
         pg.index_copy_(1, cls, inside)
         q.index_copy_(0, r, pg)
@@ -545,7 +562,7 @@ def _em(packed: _Packed, tol: float, max_iter: int, accelerate: bool = True) -> 
             tol,
             left,
         )
-    q_rows = free.mul_(alpha.to(p_g.dtype)[:, None])  # (R, K) free classes: alpha_b p_g(c)
+    q_rows = _scaled(free, alpha)  # (R, K) free classes: alpha_b p_g(c)
     q_rows.view(-1)[packed.u_flat] = q_u.to(p_g.dtype)
     q_full[packed.act_rows] = q_rows
     return CombineResult(q_full, n_iter, converged)
@@ -608,7 +625,8 @@ def combine(
     Rows with no active pair come back as exactly p_g. A row with exactly one active
     specialist (every row, under top-1 gating over disjoint groups) is solved in closed form,
     without iterating; rows with several by EM (``solve_em``). Each row's q depends on its
-    own inputs only, never on the rest of the batch."""
+    own inputs only, up to rounding in the last bits (how the batch is laid out decides
+    where the arithmetic runs in float64)."""
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     with torch.no_grad():

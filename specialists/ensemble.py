@@ -182,6 +182,7 @@ class Ensemble(nn.Module):
         # specialist index -> the generalist's stages it runs from (checked against the
         # generalist here, and against its own file when it is loaded)
         self.trunks: dict[int, SharedTrunk] = self._check_trunks() if shared_trunk else {}
+        self._trunk_checked: set[int] = set()  # specialists whose own trunk was checked
         # the generalist returning those activations too, traced on first use (a plain dict: it
         # shares the generalist's layers, so it must not be registered as a second submodule)
         self._runner: dict[str, nn.Module] = {}
@@ -205,21 +206,31 @@ class Ensemble(nn.Module):
             log.warning("%s cannot be traced: each specialist runs whole", self.record.architecture)
             return {}
         state = self.generalist.state_dict()
-        hashes: dict[str, tuple[int, str]] = {}
-        for m, t in shared.items():
+        hashes: dict[str, tuple[int, str] | None] = {}
+        for m, t in list(shared.items()):
             if t.cut not in hashes:
                 try:
                     names = trunk_tensors(graph, t.cut)
-                except SpecialistsError:
-                    names = []
-                hashes[t.cut] = (len(names), trunk_sha256(state, names))
-            n, sha = hashes[t.cut]
-            if (n, sha) != (t.n_tensors, t.sha256):
-                rec = self.specialists[m]
+                    hashes[t.cut] = (len(names), trunk_sha256(state, names))
+                except SpecialistsError:  # no such activation in this trace
+                    hashes[t.cut] = None
+            rec = self.specialists[m]
+            found = hashes[t.cut]
+            if found is None or found[0] != t.n_tensors:
+                # the cut names another place of the graph here (a torch or timm version that
+                # traces differently): nothing to compare, and running whole is always right
+                log.warning(
+                    "specialist %d: its shared stages (up to %r) are not found in this trace of "
+                    "the generalist; it runs whole",
+                    rec.id,
+                    t.cut,
+                )
+                del shared[m]
+            elif found[1] != t.sha256:
                 raise SpecialistsError(
                     f"{self.specialist_weights[rec.id]}: specialist {rec.id} was trained on the "
                     f"generalist's stages up to {t.cut!r} (sha256 {t.sha256[:12]}), but this "
-                    f"generalist's differ (sha256 {sha[:12]}): retrain the specialists for it"
+                    f"generalist's differ (sha256 {found[1][:12]}): retrain the specialists for it"
                 )
         return shared
 
@@ -262,6 +273,7 @@ class Ensemble(nn.Module):
         shared_trunk: bool = True,
         compile: bool = False,
         channels_last: bool = False,
+        amp: str = "auto",
     ) -> Ensemble:
         """Load a run's ensemble, validating every file; ``variant`` (e.g. ``controls/random``)
         reads the groups and specialists from that subfolder instead.
@@ -272,7 +284,8 @@ class Ensemble(nn.Module):
         generalist's first stages run from its activations (``shared_trunk``; off: each runs
         whole, the same answers up to float rounding, slower). ``compile``: ``torch.compile``
         each member on first use (minutes of compiling once, then faster batches).
-        ``channels_last``: the members and their inputs in NHWC layout."""
+        ``channels_last``: the members and their inputs in NHWC layout. ``amp``: mixed
+        precision on CUDA (auto: bf16 where supported; bf16, fp16, off); nothing on a CPU."""
         run = RunDir.of(run_dir)
         run.require_generalist()  # never a lock file in a folder that is not a run
         with run_lock(run.root, "reading the ensemble", reader=True):
@@ -299,6 +312,7 @@ class Ensemble(nn.Module):
             shared_trunk=shared_trunk,
             compile=compile,
             channels_last=channels_last,
+            amp=amp,
         )
 
     @classmethod
@@ -312,6 +326,7 @@ class Ensemble(nn.Module):
         shared_trunk: bool = True,
         compile: bool = False,
         channels_last: bool = False,
+        amp: str = "auto",
     ) -> Ensemble:
         """Load an ensemble written by ``specialists export`` (see :mod:`specialists.export`):
         no run directory needed, every file checked against the checksums in its JSON."""
@@ -332,6 +347,7 @@ class Ensemble(nn.Module):
             shared_trunk=shared_trunk,
             compile=compile,
             channels_last=channels_last,
+            amp=amp,
         )
 
     def export(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> dict:
@@ -411,8 +427,11 @@ class Ensemble(nn.Module):
             module = self._build(rec)
             trunk = self.trunks.get(m)
             if trunk is not None:
-                self._check_own_trunk(module, rec, trunk)
-                module = suffix_module(module, trunk.cut).to(self.device).eval()
+                graph = trace(module)
+                if rec.id not in self._trunk_checked:  # its file's checksum is checked anyway
+                    self._check_own_trunk(graph, module, rec, trunk)
+                    self._trunk_checked.add(rec.id)
+                module = suffix_module(module, trunk.cut, graph).to(self.device).eval()
             module = self._compiled(module)
         self.loaded[key] = module
         if self.cache_size is not None and len(self.loaded) > self.cache_size:
@@ -425,7 +444,8 @@ class Ensemble(nn.Module):
         m = next((i for i, s in enumerate(self.specialists) if s.id == rec.id), None)
         if m is None or m in self.trunks:
             return self._build(rec)
-        return self.specialist(m)
+        module = self.specialist(m)
+        return getattr(module, "_orig_mod", module)  # the model itself, not its compiled wrapper
 
     def _build(self, rec: SpecialistRecord) -> nn.Module:
         n_out = len(rec.classes) + 1
@@ -443,9 +463,11 @@ class Ensemble(nn.Module):
                 model.to(memory_format=torch.channels_last)
         return model
 
-    def _check_own_trunk(self, model: nn.Module, rec: SpecialistRecord, t: SharedTrunk) -> None:
-        """The specialist's own copy of the shared stages must be what its record says."""
-        graph = trace(model)
+    def _check_own_trunk(
+        self, graph: nn.Module | None, model: nn.Module, rec: SpecialistRecord, t: SharedTrunk
+    ) -> None:
+        """The specialist's own copy of the shared stages (``graph``: its trace) must be what
+        its record says."""
         names = [] if graph is None else trunk_tensors(graph, t.cut)
         if (len(names), trunk_sha256(model.state_dict(), names)) != (t.n_tensors, t.sha256):
             raise SpecialistsError(
@@ -617,7 +639,9 @@ class Ensemble(nn.Module):
         runs on about a full batch of rows (``batch_size`` times the active specialists), within
         ``wave_bytes`` of inputs held on the device, and at least one batch."""
         r = self.record
-        per_image = 4 * r.in_chans * self.input_size**2 * (2 if self.trunks else 1)
+        # the inputs, and about as much again for each activation held for the specialists
+        cuts = len({t.cut for t in self.trunks.values()})
+        per_image = 4 * r.in_chans * self.input_size**2 * (1 + cuts)
         if self.mixed_sizes:
             per_image += r.in_chans * self.input_size**2  # the uint8 images, to resize from
         wave = min(self.batch_size * max(1, len(self.specialists)), self.wave_bytes // per_image)

@@ -382,11 +382,15 @@ def evaluate_run(
     device: str = "auto",
     cache_size: int | None = None,
     compile: bool = False,
+    amp: str = "auto",
 ) -> dict:
     """Evaluate a run's ensemble against its generalist; write ``metrics.json`` and ``coverage.png``.
-    ``compile``: every member under ``torch.compile`` (the generalist's speed too)."""
+    ``compile``: every member under ``torch.compile`` (the generalist's speed too); ``amp``:
+    mixed precision on CUDA."""
     run = RunDir.of(run_dir)
-    ens = Ensemble.load(run.root, device, top_n=top_n, cache_size=cache_size, compile=compile)
+    ens = Ensemble.load(
+        run.root, device, top_n=top_n, cache_size=cache_size, compile=compile, amp=amp
+    )
     # the state scored (the run's lock is held throughout: no writer changes it meanwhile)
     state = {
         "manifest_generation": manifest.generation(run.root),

@@ -185,10 +185,11 @@ def find_shared_trunk(model: nn.Module, generalist: nn.Module) -> SharedTrunk | 
     return SharedTrunk(cut=v.name, n_tensors=len(names), sha256=trunk_sha256(mine, names))
 
 
-def suffix_module(model: nn.Module, cut: str) -> fx.GraphModule:
+def suffix_module(model: nn.Module, cut: str, gm: fx.GraphModule | None = None) -> fx.GraphModule:
     """A module running ``model`` from activation ``cut`` on: it takes that activation and
-    returns the model's output, and holds only the layers it needs."""
-    gm = trace(model)
+    returns the model's output, and holds only the layers it needs (``gm``: ``model``'s trace,
+    when already made)."""
+    gm = gm if gm is not None else trace(model)
     if gm is None:
         raise SpecialistsError(f"{type(model).__name__} cannot be traced to run from {cut!r}")
     at = _node(gm, cut)

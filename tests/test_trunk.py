@@ -4,6 +4,7 @@ ensemble's waves and the closed-form combination of one-specialist rows."""
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from specialists.gating import GroupIndex, gate
 from specialists.models import create_model
 from specialists.run import RunDir
 from specialists.sources import load_data
-from specialists.storage import save_json
+from specialists.storage import file_sha256, save_json, save_tensors
 from specialists.train.loop import keep_frozen_fixed
 from specialists.train.pipeline import train_specialists
 from specialists.train.specialist import SpecialistConfig, _set_trainable
@@ -156,6 +157,45 @@ def test_a_generalist_whose_stages_differ_is_refused(shared_runs, tmp_path, caps
     assert "001.safetensors: specialist 1 was trained on the generalist's stages" in err
 
 
+def test_a_specialist_whose_own_stages_differ_is_refused(shared_runs, tmp_path):
+    """Its file is intact (its checksum is the record's) but its copy of the shared stages is
+    not what the record says it shares: one error naming the file, at first use."""
+    ens = Ensemble.load(shared_runs["last"], combination=Combination())
+    rec = ens.specialists[0]
+    state = ens.load_specialist(rec).state_dict()
+    state["bn1.running_mean"] = state["bn1.running_mean"] + 0.5
+    path = tmp_path / "000.safetensors"
+    save_tensors(path, state)
+    records = [replace(rec, weights_sha256=file_sha256(path))] + ens.specialists[1:]
+    weights = {**ens.specialist_weights, rec.id: path}
+    tampered = Ensemble(
+        ens.generalist, ens.record, records, specialist_weights=weights, combination=Combination()
+    )
+    images = load_data(TINY_DATA).test.images
+    with pytest.raises(SpecialistsError, match=r"000\.safetensors: its stages up to"):
+        tampered.predict_proba(images)
+
+
+def test_a_cut_this_trace_does_not_have_runs_the_specialist_whole(shared_runs, caplog):
+    """A record made under another torch or timm (its activation names another place, or none)
+    is no reason to refuse: that specialist runs whole, with the same answers."""
+    ens = Ensemble.load(shared_runs["last"], combination=Combination())
+    moved = {**ens.specialists[1].shared_trunk, "cut": "no_such_activation"}
+    records = [ens.specialists[0], replace(ens.specialists[1], shared_trunk=moved)]
+    records += ens.specialists[2:]
+    with caplog.at_level("WARNING"):
+        other = Ensemble(
+            ens.generalist,
+            ens.record,
+            records,
+            specialist_weights=ens.specialist_weights,
+            combination=Combination(),
+        )
+    assert sorted(other.trunks) == [0, 2] and "runs whole" in caplog.text
+    images = load_data(TINY_DATA).test.images
+    assert np.abs(other.predict_proba(images) - ens.predict_proba(images)).max() <= 1e-5
+
+
 def test_waves_pool_rows_without_changing_answers(shared_runs):
     images = load_data(TINY_DATA).test.images
     ens = Ensemble.load(shared_runs["last"], combination=Combination())
@@ -177,7 +217,16 @@ def test_compiled_and_channels_last_members_give_the_same_answers(shared_runs):
     compiled = Ensemble.load(shared_runs["head"], combination=Combination(), compile=True)
     compiled.compile_options = {"dynamic": True, "backend": "eager"}  # no C++ build in tests
     assert np.abs(compiled.predict_proba(images) - plain.predict_proba(images)).max() <= 1e-5
+    assert len(compiled.loaded) > 0
     assert all(type(m).__name__ == "OptimizedModule" for m in compiled.loaded.values())
+    assert type(compiled._runner["trunk"]).__name__ == "OptimizedModule"
+    # the model itself for export and calibration, not the compiled wrapper
+    whole = Ensemble.load(shared_runs["head"], combination=Combination(), compile=True)
+    whole.compile_options = compiled.compile_options
+    whole.trunks.clear()
+    whole.predict_proba(images)
+    rec = whole.specialists[0]
+    assert type(whole.load_specialist(rec)).__name__ != "OptimizedModule"
     nhwc = Ensemble.load(shared_runs["last"], combination=Combination(), channels_last=True)
     plain = Ensemble.load(shared_runs["last"], combination=Combination())
     assert np.abs(nhwc.predict_proba(images) - plain.predict_proba(images)).max() <= 1e-5
@@ -213,3 +262,54 @@ def test_one_specialist_rows_in_closed_form_are_the_optimum(seed):
         other = torch.softmax(torch.log(q) + 1e-3 * torch.randn_like(q), 1)
         g = objective(other, p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7)
         assert bool((f <= g + 1e-12).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_with_one_or_several_specialists_match_em(dtype):
+    """Overlapping groups: some rows have two specialists (EM), the others one (closed form);
+    blocks or one padded tensor, float32 or float64, all equal EM's optimum."""
+    torch.manual_seed(1)
+    k = 30
+    lists = [list(range(0, 12)), list(range(8, 20)), list(range(20, 30))]
+    groups = GroupIndex.from_lists(lists, n_classes=k)
+    p_g = torch.softmax(2 * torch.randn(200, k, dtype=dtype), 1)
+    pairs = gate(p_g, groups, 2)
+    per_row = torch.bincount(pairs.rows, minlength=200)
+    assert (per_row == 1).any() and (per_row == 2).any()
+    blocks = [
+        torch.softmax(torch.randn(len(r), len(lists[m]) + 1, dtype=dtype), 1)
+        for m, r in enumerate(pairs.per_specialist(3))
+        if len(r)
+    ]
+    padded = torch.zeros(pairs.n_pairs, 13, dtype=dtype)
+    start = 0
+    for b in blocks:
+        padded[start : start + len(b), : b.shape[1]] = b
+        start += len(b)
+    em = solve_em(p_g, blocks, pairs, groups, tol=1e-13, max_iter=5000).q
+    atol = 1e-6 if dtype == torch.float32 else 1e-8  # combine stops EM at its default tol
+    for spec in (blocks, padded):
+        q = combine(p_g, spec, pairs, groups)
+        assert q.dtype == dtype and torch.allclose(q, em, rtol=0, atol=atol)
+
+
+def test_the_closed_form_at_its_edges():
+    # a group of every class: no mass outside it, so EM (which drops that dustbin) decides
+    every = GroupIndex.from_lists([list(range(7))], n_classes=7)
+    torch.manual_seed(2)
+    p_g = torch.softmax(torch.randn(50, 7, dtype=torch.float64), 1)
+    pairs = gate(p_g, every, 1)
+    spec = [torch.softmax(torch.randn(50, 8, dtype=torch.float64), 1)]
+    q = combine(p_g, spec, pairs, every)
+    assert torch.allclose(q.sum(1), torch.ones(50, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(q, solve_em(p_g, spec, pairs, every).q, atol=1e-9)
+    # a generalist so sure that the mass outside the group is denormal in float32: finite
+    groups = GroupIndex.from_lists([[0, 1, 2], [3, 4, 5]], n_classes=6)
+    p_g = torch.softmax(torch.tensor([[100.0, 0, 0, 0, 0, -20]]), 1)
+    pairs = gate(p_g, groups, 1)
+    spec = [torch.tensor([[0.5, 0.05, 0.05, 0.4]])]
+    for s in (spec, spec[0]):
+        q = combine(p_g, s, pairs, groups)
+        assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(1))
+        assert torch.allclose(q[0, 3:5], torch.tensor([0.1, 0.1]))  # the dustbin's 0.4 / 2
+    assert torch.isfinite(solve_em(p_g, spec, pairs, groups).q).all()

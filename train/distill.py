@@ -323,7 +323,11 @@ def _teacher(
 
         return generalist_q
     ensemble = Ensemble.load(
-        ctx.run.root, str(ctx.device), variant=variant, top_n=cfg.teacher_top_n or None
+        ctx.run.root,
+        str(ctx.device),
+        variant=variant,
+        top_n=cfg.teacher_top_n or None,
+        amp=cfg.amp,
     )
     return lambda x, raw=None: ensemble.combine_transformed(x, raw)[0]
 
