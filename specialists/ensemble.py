@@ -212,7 +212,7 @@ class Ensemble(nn.Module):
                 try:
                     names = trunk_tensors(graph, t.cut)
                     hashes[t.cut] = (len(names), trunk_sha256(state, names))
-                except SpecialistsError:  # no such activation in this trace
+                except (SpecialistsError, KeyError):  # no such activation, or tensor, here
                     hashes[t.cut] = None
             rec = self.specialists[m]
             found = hashes[t.cut]
@@ -550,7 +550,6 @@ class Ensemble(nn.Module):
         specialist only on the rows that activate it, then the combiner. A distillation teacher
         calls this on the student's own augmented batch. Specialists with their own input size
         need ``raw``, the uint8 batch ``x`` was made from, to resize from."""
-
         return self._combine([x], self._view([x], raw))
 
     def _view(
@@ -654,6 +653,9 @@ class Ensemble(nn.Module):
         specialist's rows are pooled over the wave and run in full batches, not in a sliver
         of every batch."""
         x_all = self.check_images(images)
+        if len(x_all) == 0:
+            empty = np.zeros((0, self.record.n_classes), dtype=np.float32)
+            return EnsembleOutput(empty, empty.copy(), [])
         qs, pgs, consulted = [], [], []
         wave = self.wave_size(len(x_all))
         for start in range(0, len(x_all), wave):

@@ -9,7 +9,7 @@ Nothing here is assumed from the training settings. The model's forward pass is 
 **trunk** is the longest prefix whose every weight and buffer is bitwise the generalist's, cut
 where exactly one activation flows on (the input of a stage, the pooled features). The cut is
 recorded with a checksum of the trunk's tensors; at inference the generalist's tensors must hash
-to it, else the ensemble refuses (``TrunkMismatch``), never answers from another trunk.
+to it, else the ensemble refuses with one clear error, never answers from another trunk.
 """
 
 from __future__ import annotations

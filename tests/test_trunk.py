@@ -205,6 +205,8 @@ def test_waves_pool_rows_without_changing_answers(shared_runs):
     ens.wave_bytes = 0  # one batch at a time
     assert ens.wave_size(len(images)) == 16
     assert np.abs(ens.predict_proba(images) - pooled).max() <= 1e-6
+    empty = ens.run_batch(images[:0])  # no images: empty answers, not an error
+    assert empty.q.shape == (0, 12) and empty.consulted == []
     parts = [torch.arange(0, 5), torch.arange(5, 9), torch.arange(9, 20)]
     rows = torch.tensor([0, 4, 5, 10, 19])
     assert torch.equal(_take(parts, rows), rows)
