@@ -283,6 +283,12 @@ def _scaled(p: Tensor, factor: Tensor) -> Tensor:
     return p.copy_(p.double().mul_(factor[:, None]))
 
 
+def _outside_factor(w_g: float, w: Tensor | float, d: Tensor, outside: Tensor) -> Tensor:
+    """The closed form's factor on p_g outside the group: the mass there, (w_g G + w d) / D,
+    over p_g's own, G (D = w_g + w)."""
+    return (w_g * outside + w * d) / ((w_g + w) * outside)
+
+
 def _has_outside(outside: Tensor, total: Tensor) -> Tensor:
     """Whether the generalist's mass outside a group is there, not rounding noise (a group of
     every class leaves none: its closed form would not hold)."""
@@ -315,7 +321,7 @@ def _one_specialist(p_g: Tensor, w_g: float, e: _Entries) -> tuple[Tensor, Tenso
     w, d = e.pair_w, e.dust
     denom = w_g + w  # (A,)
     scale = torch.ones(n_rows, dtype=torch.float64, device=p_g.device)
-    factor = (w_g * outside + w * d) / (denom * outside.clamp_min(1e-300))
+    factor = _outside_factor(w_g, w, d, outside.clamp_min(1e-300))
     scale[e.rows[solved]] = factor[solved]
     q = _scaled(p_g.clone(), scale)
     value = (w_g * pg_e + w[e.entry_pair] * e.entry_prob.double()) / denom[e.entry_pair]
@@ -372,7 +378,7 @@ def _one_specialist_blocks(
         w = float(weights[m])
         denom = w_g + w
         dust = block[:, -1].to(device=p_g.device, dtype=torch.float64)
-        factor = (w_g * outside + w * dust) / (denom * outside)
+        factor = _outside_factor(w_g, w, dust, outside)
         _scaled(pg, factor)
         inside = pg_in.mul_(w_g / denom).add_(block[:, :-1].to(pg_in), alpha=w / denom)
         pg.index_copy_(1, cls, inside)

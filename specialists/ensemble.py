@@ -179,13 +179,14 @@ class Ensemble(nn.Module):
         self.input_size = max([record.input_size] + [s.size(record) for s in self.specialists])
         self.loaded = nn.ModuleDict()  # specialist id (str) -> model, least recently used first
         self._clock: dict[str, list[float]] | None = None  # stage -> seconds, while profiling
+        # the generalist's trace and, made from it on first use, the generalist returning the
+        # activations specialists start from (a plain dict: they share the generalist's layers,
+        # so must not be registered as second submodules)
+        self._runner: dict[str, nn.Module] = {}
         # specialist index -> the generalist's stages it runs from (checked against the
         # generalist here, and against its own file when it is loaded)
         self.trunks: dict[int, SharedTrunk] = self._check_trunks() if shared_trunk else {}
         self._trunk_checked: set[int] = set()  # specialists whose own trunk was checked
-        # the generalist returning those activations too, traced on first use (a plain dict: it
-        # shares the generalist's layers, so it must not be registered as a second submodule)
-        self._runner: dict[str, nn.Module] = {}
         self.eval()
 
     def _check_trunks(self) -> dict[int, SharedTrunk]:
@@ -205,6 +206,7 @@ class Ensemble(nn.Module):
         if graph is None:
             log.warning("%s cannot be traced: each specialist runs whole", self.record.architecture)
             return {}
+        self._runner["trace"] = graph  # the trunk runner is made from it on first use
         state = self.generalist.state_dict()
         hashes: dict[str, tuple[int, str] | None] = {}
         for m, t in list(shared.items()):
@@ -240,7 +242,9 @@ class Ensemble(nn.Module):
             return self._plain_generalist(x), {}
         if "trunk" not in self._runner:
             cuts = {t.cut for t in self.trunks.values()}
-            self._runner["trunk"] = self._compiled(with_activations(self.generalist, cuts))
+            graph = self._runner.pop("trace", None)  # traced at load, unless moved since
+            runner = with_activations(self.generalist, cuts, graph)
+            self._runner["trunk"] = self._compiled(runner)
         return self._runner["trunk"](x)
 
     def _plain_generalist(self, x: torch.Tensor) -> torch.Tensor:

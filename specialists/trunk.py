@@ -207,10 +207,13 @@ def suffix_module(model: nn.Module, cut: str, gm: fx.GraphModule | None = None) 
     return fx.GraphModule(gm, graph, f"{type(model).__name__}After")
 
 
-def with_activations(model: nn.Module, cuts: Iterable[str]) -> fx.GraphModule:
+def with_activations(
+    model: nn.Module, cuts: Iterable[str], gm: fx.GraphModule | None = None
+) -> fx.GraphModule:
     """``model`` returning ``(output, {cut: activation})``: its own output and, on the way, the
-    activations ``cuts`` that specialists continue from."""
-    gm = trace(model)
+    activations ``cuts`` that specialists continue from (``gm``: ``model``'s trace, when already
+    made; it is changed in place)."""
+    gm = gm if gm is not None else trace(model)
     if gm is None:
         raise SpecialistsError(f"{type(model).__name__} cannot be traced")
     by_name = {n.name: n for n in gm.graph.nodes}
