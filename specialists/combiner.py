@@ -338,14 +338,20 @@ def _one_specialist_blocks(
     spec_weights: Tensor | Sequence[float] | None,
     w_g: float,
 ) -> Tensor | None:
-    """``_one_specialist`` for the ensemble's layout, with dense per-block arithmetic: each
-    block holds rows of one specialist (as ``pairs.per_specialist`` splits them), every example
-    has at most one pair, and every generalist row puts mass outside its group. None when
-    any of that does not hold (``combine`` then takes the general path)."""
+    """``_one_specialist`` for the ensemble's layout: each block holds rows of one specialist
+    (as ``pairs.per_specialist`` splits them), every example has at most one pair, and every
+    generalist row puts mass outside its group. None when any of that does not hold
+    (``combine`` then takes the general path).
+
+    The rows are copied once in pair order, so each block is a contiguous slice whose group's
+    columns are read and written by one small column index. A row's mass outside its group,
+    G, is summed directly over the classes outside (the group's columns zeroed first): a sum
+    of positive terms, exact to p_g's rounding however small G is."""
     rows = pairs.rows
-    if rows.numel() == 0 or len(p_g) == 0:
+    n_rows = len(p_g)
+    if rows.numel() == 0 or n_rows == 0:
         return None
-    if int(torch.bincount(rows, minlength=len(p_g)).max()) > 1:
+    if int(torch.bincount(rows, minlength=n_rows).max()) > 1:
         return None
     weights = (
         torch.ones(len(groups), dtype=torch.float64)
@@ -354,37 +360,36 @@ def _one_specialist_blocks(
     )
     if weights.shape != (len(groups),) or bool((weights < 0).any()):
         return None  # the general path raises the clear error
-    specs = pairs.specs.tolist()
-    members, offsets = groups.members.to(p_g.device), groups.offsets.tolist()
-    q = p_g.clone()
+    blocks = [b for b in blocks if len(b)]
+    lengths = torch.tensor([len(b) for b in blocks], dtype=torch.long)
+    if int(lengths.sum()) != rows.numel():
+        return None
+    ends = lengths.cumsum(0)
+    first, last = pairs.specs[ends - lengths].tolist(), pairs.specs[ends - 1].tolist()
+    device = p_g.device
+    rows = rows.to(device)
+    members, offsets = groups.members.to(device), groups.offsets.tolist()
+    out = p_g.index_select(0, rows)  # (A, K) the rows in pair order
     start = 0
-    for block in blocks:
+    for block, m, m_last in zip(blocks, first, last):
         n = len(block)
-        if n == 0:
-            continue
-        m = specs[start]
-        if specs[start + n - 1] != m or block.shape[1] != offsets[m + 1] - offsets[m] + 1:
+        if m_last != m or block.shape[1] != offsets[m + 1] - offsets[m] + 1:
             return None
-        r = rows[start : start + n].to(p_g.device)
         cls = members[offsets[m] : offsets[m + 1]]
-        pg = p_g.index_select(0, r)  # (n, K)
+        pg = out[start : start + n]  # (n, K) a view
         pg_in = pg.index_select(1, cls)  # (n, |S|)
-        # the sums in float64 (G can be a small difference of two sums near 1); the rest in
-        # p_g's precision, one rounding from the exact value
-        total = pg.sum(1, dtype=torch.float64)
-        outside = total - pg_in.sum(1, dtype=torch.float64)
-        if not bool(_has_outside(outside, total).all()):
+        outside = pg.index_fill_(1, cls, 0).sum(1).double()  # (n,) G
+        if not bool((outside > 0).all()):  # a group of every class leaves nothing outside
             return None
         w = float(weights[m])
-        denom = w_g + w
-        dust = block[:, -1].to(device=p_g.device, dtype=torch.float64)
-        factor = _outside_factor(w_g, w, dust, outside)
-        _scaled(pg, factor)
-        inside = pg_in.mul_(w_g / denom).add_(block[:, :-1].to(pg_in), alpha=w / denom)
+        dust = block[:, -1].to(device=device, dtype=torch.float64)
+        _scaled(pg, _outside_factor(w_g, w, dust, outside))
+        inside = pg_in.mul_(w_g / (w_g + w)).add_(block[:, :-1].to(pg_in), alpha=w / (w_g + w))
         pg.index_copy_(1, cls, inside)
-        q.index_copy_(0, r, pg)
         start += n
-    return q if start == rows.numel() else None
+    if rows.numel() == n_rows:  # every row has its pair: rows is a permutation
+        return out.index_select(0, torch.argsort(rows))
+    return p_g.clone().index_copy_(0, rows, out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,16 +33,22 @@ class BatchTransform:
         self.augment = augment
         self.hflip = hflip
         self.pad = max(1, input_size // 8) if pad is None else pad
+        self._on: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        b, h, w, c = x.shape
+        size = self.input_size
+        if h == size and w == size and not self.augment:
+            # the common case at inference: one conversion into a float tensor in the images'
+            # own (channels-last) layout, then one scale and one shift in place
+            out = torch.empty((b, h, w, c), dtype=torch.float32, device=x.device)
+            out = out.permute(0, 3, 1, 2).copy_(x.permute(0, 3, 1, 2))
+            scale, shift = self._affine(x.device)
+            return out.mul_(scale).add_(shift)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+        if h != size or w != size:
             x = F.interpolate(
-                x,
-                size=(self.input_size, self.input_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
             )
         if self.augment:
             x = self._random_crop(x, generator)
@@ -50,6 +56,15 @@ class BatchTransform:
                 flip = torch.rand(x.shape[0], generator=generator) < 0.5
                 x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, 1, 1) scale and shift on ``device`` taking uint8 values to normalised ones:
+        (v / 255 - mean) / std = v scale + shift."""
+        if self._on is None or self._on[0].device != device:
+            scale = 1.0 / (255.0 * self.std.double())
+            shift = -self.mean.double() / self.std.double()
+            self._on = (scale.float().to(device), shift.float().to(device))
+        return self._on
 
     def _random_crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         b, _, h, w = x.shape

@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from specialists.data import stratified_split
 from specialists.errors import SpecialistsError
 from specialists.sources import load_data, parse_source, read_idx
+from specialists.transforms import BatchTransform
 
 
 def _write_images(folder, n, mode="RGB", size=(20, 20), seed=0):
@@ -297,3 +300,25 @@ def test_jobs_read_the_cache_without_a_private_copy(tmp_path):
     t = mapped_tensor(mapped)
     assert t.data_ptr() == mapped.ctypes.data and t.shape == (4, 8, 8, 3)
     assert np.array_equal(t[2].numpy(), mapped[2])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_eval_transform_normalises_in_the_images_layout(channels):
+    """The fast path (no resize, no augmentation) equals (x / 255 - mean) / std and keeps the
+    uint8 images' channels-last layout, as the resizing path does."""
+    mean, std = [0.5, 0.4, 0.3][:channels], [0.2, 0.25, 0.3][:channels]
+    x = torch.randint(0, 256, (16, 12, 12, channels), dtype=torch.uint8)
+    want = (
+        x.permute(0, 3, 1, 2).double() / 255
+        - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    ) / torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    fast = BatchTransform(mean, std, 12)(x)
+    assert fast.dtype == torch.float32 and fast.shape == (16, channels, 12, 12)
+    assert torch.allclose(fast.double(), want, rtol=0, atol=1e-6)
+    assert fast.stride() == x.permute(0, 3, 1, 2).stride()
+    big = torch.randint(0, 256, (4, 20, 20, channels), dtype=torch.uint8)
+    small = F.interpolate(
+        big.permute(0, 3, 1, 2).float() / 255, size=(12, 12), mode="bilinear", antialias=True
+    )
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    assert torch.allclose(BatchTransform(mean, std, 12)(big), (small - m) / s, atol=1e-6)

@@ -266,6 +266,24 @@ def test_one_specialist_rows_in_closed_form_are_the_optimum(seed):
         assert bool((f <= g + 1e-12).all())
 
 
+def test_rows_without_a_specialist_keep_the_generalist():
+    """The cascade leaves sure rows with no pair: they come back as exactly p_g, and the
+    others as the optimum, whichever path (blocks of rows or one padded tensor)."""
+    p_g, outs, pairs, groups, w = _disjoint_instance(3)
+    sure = p_g.max(1).values >= 0.5
+    assert sure.any() and (~sure).any()
+    cascade = gate(p_g, groups, 1, confidence=0.5)
+    keep = ~sure[pairs.rows]
+    blocks, start = [], 0
+    for b in outs:
+        blocks.append(b[keep[start : start + len(b)]])
+        start += len(b)
+    q = combine(p_g, blocks, cascade, groups, spec_weights=w)
+    assert torch.equal(q[sure], p_g[sure])
+    em = solve_em(p_g, blocks, cascade, groups, spec_weights=w, tol=1e-14)
+    assert torch.allclose(q, em.q, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rows_with_one_or_several_specialists_match_em(dtype):
     """Overlapping groups: some rows have two specialists (EM), the others one (closed form);
