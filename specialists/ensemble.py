@@ -34,7 +34,16 @@ from .models import autocast_for, create_model, resolve_device
 from .records import GeneralistRecord, SpecialistRecord
 from .run import RunDir
 from .transforms import BatchTransform, make_transforms, resize_images
-from .trunk import SharedTrunk, suffix_module, trace, trunk_sha256, trunk_tensors, with_activations
+from .trunk import (
+    SharedTrunk,
+    Traced,
+    suffix_module,
+    trace,
+    traced,
+    trunk_sha256,
+    trunk_tensors,
+    with_activations,
+)
 
 __all__ = ["Ensemble", "EnsembleOutput"]
 
@@ -180,8 +189,8 @@ class Ensemble(nn.Module):
         self.loaded = nn.ModuleDict()  # specialist id (str) -> model, least recently used first
         self._clock: dict[str, list[float]] | None = None  # stage -> seconds, while profiling
         # the generalist's trace and, made from it on first use, the generalist returning the
-        # activations specialists start from (a plain dict: they share the generalist's layers,
-        # so must not be registered as second submodules)
+        # activations specialists start from; its traced graph alone ("plain"). A plain dict:
+        # they share the generalist's layers, so must not be registered as second submodules
         self._runner: dict[str, nn.Module] = {}
         # specialist index -> the generalist's stages it runs from (checked against the
         # generalist here, and against its own file when it is loaded)
@@ -248,10 +257,9 @@ class Ensemble(nn.Module):
         return self._runner["trunk"](x)
 
     def _plain_generalist(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.compiled:
-            return self.generalist(x)
+        """The generalist's logits, from its traced graph (``traced``) where fx traces it."""
         if "plain" not in self._runner:
-            self._runner["plain"] = self._compiled(self.generalist)
+            self._runner["plain"] = self._compiled(trace(self.generalist) or self.generalist)
         return self._runner["plain"](x)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -436,6 +444,8 @@ class Ensemble(nn.Module):
                     self._check_own_trunk(graph, module, rec, trunk)
                     self._trunk_checked.add(rec.id)
                 module = suffix_module(module, trunk.cut, graph).to(self.device).eval()
+            else:
+                module = traced(module)
             module = self._compiled(module)
         self.loaded[key] = module
         if self.cache_size is not None and len(self.loaded) > self.cache_size:
@@ -449,7 +459,8 @@ class Ensemble(nn.Module):
         if m is None or m in self.trunks:
             return self._build(rec)
         module = self.specialist(m)
-        return getattr(module, "_orig_mod", module)  # the model itself, not its compiled wrapper
+        module = getattr(module, "_orig_mod", module)  # not the compiled wrapper
+        return module.model if isinstance(module, Traced) else module  # nor the traced graph
 
     def _build(self, rec: SpecialistRecord) -> nn.Module:
         n_out = len(rec.classes) + 1

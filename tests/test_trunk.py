@@ -25,7 +25,7 @@ from specialists.storage import file_sha256, save_json, save_tensors
 from specialists.train.loop import keep_frozen_fixed
 from specialists.train.pipeline import train_specialists
 from specialists.train.specialist import SpecialistConfig, _set_trainable
-from specialists.trunk import find_shared_trunk, suffix_module, with_activations
+from specialists.trunk import Traced, find_shared_trunk, suffix_module, with_activations
 
 from .conftest import TINY_DATA
 from .test_specialists import run_dir  # noqa: F401  (the shared tiny run fixture)
@@ -126,6 +126,24 @@ def test_the_shared_trunk_path_equals_the_plain_path(shared_runs, mode):
         # the module's forward takes the same path
         x = shared.preprocess(images[:10])
         assert torch.allclose(shared(x).exp(), torch.from_numpy(b.q[:10]), atol=1e-5)
+
+
+def test_whole_members_run_as_their_traced_graphs(shared_runs):
+    """Whole members run their fx graphs: the same answers bit for bit as their modules, and
+    export and calibration still get the model itself."""
+    ens = Ensemble.load(shared_runs["last"], combination=Combination(), shared_trunk=False)
+    images = load_data(TINY_DATA).test.images[:64]
+    x = ens.preprocess(images)
+    with torch.inference_mode():
+        assert torch.equal(ens._plain_generalist(x), ens.generalist(x))
+        rec = ens.specialists[0]
+        runner = ens.specialist(0)
+        assert isinstance(runner, Traced) and runner.model is ens.load_specialist(rec)
+        assert torch.equal(runner(x), runner.model(x))
+    assert type(ens.load_specialist(rec)).__name__ == "EfficientNet"
+    assert np.allclose(
+        ens.generalist_proba(images), torch.softmax(ens.generalist(x), 1).numpy(), atol=0
+    )
 
 
 def test_a_generalist_whose_stages_differ_is_refused(shared_runs, tmp_path, capsys):
