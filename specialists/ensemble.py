@@ -58,20 +58,52 @@ def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+def _row_major(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format] | None:
+    """``x`` as a (len(x), -1) view of its rows and the memory format that view reads, for a
+    contiguous or channels-last tensor (else None)."""
+    width = x[0].numel() if len(x) else 0
+    if x.is_contiguous():
+        return x.reshape(len(x), width), torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(len(x), width), torch.channels_last
+    return None
+
+
 def _take(parts: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` (ascending) of the concatenation of ``parts``, without concatenating them."""
-    if len(parts) == 1:
-        return parts[0][rows]
+    """Rows ``rows`` (ascending) of the concatenation of ``parts``, without concatenating them:
+    gathered straight into one tensor in the parts' memory layout."""
+    views = [_row_major(p) for p in parts]
+    layouts = {v[1] for v in views if v is not None}
+    if None in views or len(layouts) != 1:  # a strided part: gather and concatenate
+        if len(parts) == 1:
+            return parts[0][rows]
+        views = None
     ends = torch.tensor([len(p) for p in parts], device=rows.device).cumsum(0)
     which = torch.searchsorted(ends, rows, right=True)
     counts = torch.bincount(which, minlength=len(parts)).tolist()
-    out, start = [], 0
+    head = parts[0]
+    if views is not None:
+        out = torch.empty(
+            (len(rows), *head.shape[1:]),
+            dtype=head.dtype,
+            device=head.device,
+            memory_format=layouts.pop(),
+        )
+        flat = _row_major(out)[0]
+    pieces, start = [], 0
     for i, (n, part) in enumerate(zip(counts, parts)):
         if n:
             local = rows[start : start + n] - (ends[i] - len(part))
-            out.append(part[local])
+            if views is not None:
+                torch.index_select(views[i][0], 0, local, out=flat[start : start + n])
+            else:
+                pieces.append(part[local])
             start += n
-    return out[0] if len(out) == 1 else torch.cat(out)
+    if views is not None:
+        return out
+    if not pieces:
+        return head[rows]  # no rows
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 class _Stopwatch:

@@ -229,6 +229,19 @@ def test_waves_pool_rows_without_changing_answers(shared_runs):
     rows = torch.tensor([0, 4, 5, 10, 19])
     assert torch.equal(_take(parts, rows), rows)
     assert torch.equal(_take(parts, rows[2:3]), rows[2:3])
+    # inputs (channels-last from uint8 images, or contiguous), activations, a strided part:
+    # the rows of the concatenation, in its layout
+    for make in (
+        lambda n: torch.randn(n, 6, 6, 3).permute(0, 3, 1, 2),
+        lambda n: torch.randn(n, 3, 6, 6),
+        lambda n: torch.randn(n, 16),
+        lambda n: torch.randn(n, 4, 6, 6)[:, :, 1:4],
+    ):
+        parts = [make(5), make(4), make(11)]
+        whole = torch.cat(parts)
+        for picked in (rows, rows[2:3], torch.arange(20)):
+            got = _take(parts, picked)
+            assert torch.equal(got, whole[picked]) and got.stride() == whole[picked].stride()
 
 
 def test_compiled_and_channels_last_members_give_the_same_answers(shared_runs):
