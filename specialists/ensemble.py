@@ -60,12 +60,14 @@ def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _row_major(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format] | None:
     """``x`` as a (len(x), -1) view of its rows and the memory format that view reads, for a
-    contiguous or channels-last tensor (else None)."""
+    channels-last or contiguous tensor (else None). Channels-last first: a one-channel batch is
+    both, and its strides decide which convolution kernels run (channels-last ones were about
+    20% faster for a small model on a CPU), so the gathered rows keep them."""
     width = x[0].numel() if len(x) else 0
-    if x.is_contiguous():
-        return x.reshape(len(x), width), torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return x.permute(0, 2, 3, 1).reshape(len(x), width), torch.channels_last
+    if x.is_contiguous():
+        return x.reshape(len(x), width), torch.contiguous_format
     return None
 
 

@@ -242,6 +242,11 @@ def test_waves_pool_rows_without_changing_answers(shared_runs):
         for picked in (rows, rows[2:3], torch.arange(20)):
             got = _take(parts, picked)
             assert torch.equal(got, whole[picked]) and got.stride() == whole[picked].stride()
+    # one channel: the rows keep the channels-last strides of the images they came from (they
+    # decide which convolution kernels run)
+    gray = [torch.randn(n, 6, 6, 1).permute(0, 3, 1, 2) for n in (5, 4, 11)]
+    got = _take(gray, rows)
+    assert torch.equal(got, torch.cat(gray)[rows]) and got.stride() == (36, 1, 6, 1)
 
 
 def test_compiled_and_channels_last_members_give_the_same_answers(shared_runs):
