@@ -230,7 +230,8 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
 
 
 def student_vs_generalist(run: Path, args: argparse.Namespace) -> str | None:
-    """The distilled student's throughput against the generalist's, where ``run`` has one."""
+    """The distilled student's throughput against the generalist's, where ``run`` has one, both
+    run by ``predict_proba`` (the model itself, as a deployed student runs)."""
     if not RunDir.of(run).student().files.record.is_file():
         return None
     ens = Ensemble.load(run)
@@ -240,7 +241,10 @@ def student_vs_generalist(run: Path, args: argparse.Namespace) -> str | None:
     def student(x: np.ndarray) -> np.ndarray:
         return predict_proba(model, x, transform=transform, device=ens.device)
 
-    g = max(images_per_second(ens.generalist_proba, images, 3) for _ in range(args.tries))
+    def generalist(x: np.ndarray) -> np.ndarray:  # the same way, as the model itself
+        return predict_proba(ens.generalist, x, transform=ens.transform, device=ens.device)
+
+    g = max(images_per_second(generalist, images, 3) for _ in range(args.tries))
     s = max(images_per_second(student, images, 3) for _ in range(args.tries))
     return (
         f"- {run.name}: student ({record.architecture}) {s:.0f} images/s, generalist {g:.0f} "

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from .errors import SpecialistsError
 from .storage import load_json, load_tensors
 from .transforms import BatchTransform
-from .trunk import trace
 
 __all__ = [
     "autocast_for",
@@ -263,10 +262,8 @@ def predict_proba(
     desc: str = "predict",
     progress: bool = False,
 ) -> np.ndarray:
-    """Softmax probabilities (N, K) float32, in input order; deterministic on CPU. The model
-    runs as its traced graph where fx traces it (the same outputs, less Python per batch)."""
+    """Softmax probabilities (N, K) float32, in input order; deterministic on CPU."""
     model.eval()
-    run = trace(model) or model
     autocast, _ = autocast_for(device, amp)
     images = torch.as_tensor(images)
     out = []
@@ -279,7 +276,7 @@ def predict_proba(
     ):
         x = transform(images[start : start + batch_size].to(device, non_blocking=True))
         with autocast():
-            logits = run(x)
+            logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
