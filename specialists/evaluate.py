@@ -19,6 +19,7 @@ from .models import predict_proba
 from .run import RunDir
 from .sources import load_data, parse_source
 from .storage import file_sha256, save_figure, save_json
+from .trunk import traced
 
 __all__ = [
     "ensemble_metrics",
@@ -231,8 +232,11 @@ def student_rows(
             log.warning("%s; its row is left out", e)
             continue
 
-        def predict(x: np.ndarray, model=model, transform=transform) -> np.ndarray:
-            return predict_proba(model, x, transform=transform, device=ens.device)
+        # its traced graph, made once, as the ensemble runs its generalist: the speeds compare
+        run = traced(model)
+
+        def predict(x: np.ndarray, run=run, transform=transform) -> np.ndarray:
+            return predict_proba(run, x, transform=transform, device=ens.device)
 
         m = ensemble_metrics(p_g, predict(images), labels, groups)
         generalist_ips, student_ips = paired_speed(ens.generalist_proba, predict, timed)
