@@ -346,7 +346,8 @@ def _one_specialist_blocks(
     The rows are copied once in pair order, so each block is a contiguous slice whose group's
     columns are read and written by one small column index. A row's mass outside its group,
     G, is summed directly over the classes outside (the group's columns zeroed first): a sum
-    of positive terms, exact to p_g's rounding however small G is."""
+    of positive terms, with no cancellation, so accurate to a few roundings of p_g however
+    small G is."""
     rows = pairs.rows
     n_rows = len(p_g)
     if rows.numel() == 0 or n_rows == 0:
@@ -379,11 +380,14 @@ def _one_specialist_blocks(
         pg = out[start : start + n]  # (n, K) a view
         pg_in = pg.index_select(1, cls)  # (n, |S|)
         outside = pg.index_fill_(1, cls, 0).sum(1).double()  # (n,) G
-        if not bool((outside > 0).all()):  # a group of every class leaves nothing outside
-            return None
         w = float(weights[m])
         dust = block[:, -1].to(device=device, dtype=torch.float64)
-        _scaled(pg, _outside_factor(w_g, w, dust, outside))
+        factor = _outside_factor(w_g, w, dust, outside)
+        # G = 0 (a group of every class leaves nothing outside) or so small that the factor
+        # overflows even float64 (a float64 p_g with a denormal G): no closed form here
+        if not bool(torch.isfinite(factor).all()):
+            return None
+        _scaled(pg, factor)
         inside = pg_in.mul_(w_g / (w_g + w)).add_(block[:, :-1].to(pg_in), alpha=w / (w_g + w))
         pg.index_copy_(1, cls, inside)
         start += n

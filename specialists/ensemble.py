@@ -76,7 +76,8 @@ def _take(parts: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     gathered straight into one tensor in the parts' memory layout."""
     views = [_row_major(p) for p in parts]
     layouts = {v[1] for v in views if v is not None}
-    if None in views or len(layouts) != 1:  # a strided part: gather and concatenate
+    tracked = torch.is_grad_enabled() and any(p.requires_grad for p in parts)  # no out= then
+    if None in views or len(layouts) != 1 or tracked:  # gather and concatenate
         if len(parts) == 1:
             return parts[0][rows]
         views = None

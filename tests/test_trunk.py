@@ -14,7 +14,7 @@ from timm.models import group_parameters
 from specialists import manifest
 from specialists.cli import main
 from specialists.combination import Combination
-from specialists.combiner import combine, objective, solve_em
+from specialists.combiner import _one_specialist_blocks, combine, objective, solve_em
 from specialists.ensemble import Ensemble, _take
 from specialists.errors import SpecialistsError
 from specialists.gating import GroupIndex, gate
@@ -141,9 +141,7 @@ def test_whole_members_run_as_their_traced_graphs(shared_runs):
         assert isinstance(runner, Traced) and runner.model is ens.load_specialist(rec)
         assert torch.equal(runner(x), runner.model(x))
     assert type(ens.load_specialist(rec)).__name__ == "EfficientNet"
-    assert np.allclose(
-        ens.generalist_proba(images), torch.softmax(ens.generalist(x), 1).numpy(), atol=0
-    )
+    assert np.array_equal(ens.generalist_proba(images), torch.softmax(ens.generalist(x), 1).numpy())
 
 
 def test_a_generalist_whose_stages_differ_is_refused(shared_runs, tmp_path, capsys):
@@ -247,6 +245,8 @@ def test_waves_pool_rows_without_changing_answers(shared_runs):
     gray = [torch.randn(n, 6, 6, 1).permute(0, 3, 1, 2) for n in (5, 4, 11)]
     got = _take(gray, rows)
     assert torch.equal(got, torch.cat(gray)[rows]) and got.stride() == (36, 1, 6, 1)
+    tracked = [torch.randn(n, 3, requires_grad=True) for n in (5, 4, 11)]  # autograd: no out=
+    assert torch.equal(_take(tracked, rows), torch.cat(tracked)[rows])
 
 
 def test_compiled_and_channels_last_members_give_the_same_answers(shared_runs):
@@ -292,6 +292,8 @@ def _disjoint_instance(seed: int, dtype=torch.float64):
 def test_one_specialist_rows_in_closed_form_are_the_optimum(seed):
     p_g, outs, pairs, groups, w = _disjoint_instance(seed)
     q = combine(p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7)
+    blocks = _one_specialist_blocks(p_g, outs, pairs, groups, w, 0.7)
+    assert blocks is not None and torch.equal(q, blocks)  # the ensemble's path, taken
     em = solve_em(p_g, outs, pairs, groups, spec_weights=w, generalist_weight=0.7, tol=1e-14)
     assert em.n_iter > 1  # EM iterates; the closed form does not need to
     assert torch.allclose(q, em.q, rtol=0, atol=1e-12)
@@ -303,8 +305,8 @@ def test_one_specialist_rows_in_closed_form_are_the_optimum(seed):
 
 
 def test_rows_without_a_specialist_keep_the_generalist():
-    """The cascade leaves sure rows with no pair: they come back as exactly p_g, and the
-    others as the optimum, whichever path (blocks of rows or one padded tensor)."""
+    """The cascade leaves sure rows with no pair: on the ensemble's path (blocks of rows) they
+    come back as exactly p_g, and the others as the optimum."""
     p_g, outs, pairs, groups, w = _disjoint_instance(3)
     sure = p_g.max(1).values >= 0.5
     assert sure.any() and (~sure).any()
@@ -315,6 +317,7 @@ def test_rows_without_a_specialist_keep_the_generalist():
         blocks.append(b[keep[start : start + len(b)]])
         start += len(b)
     q = combine(p_g, blocks, cascade, groups, spec_weights=w)
+    assert _one_specialist_blocks(p_g, blocks, cascade, groups, w, 1.0) is not None
     assert torch.equal(q[sure], p_g[sure])
     em = solve_em(p_g, blocks, cascade, groups, spec_weights=w, tol=1e-14)
     assert torch.allclose(q, em.q, rtol=0, atol=1e-12)
@@ -347,6 +350,25 @@ def test_rows_with_one_or_several_specialists_match_em(dtype):
     for spec in (blocks, padded):
         q = combine(p_g, spec, pairs, groups)
         assert q.dtype == dtype and torch.allclose(q, em, rtol=0, atol=atol)
+
+
+def test_the_ensemble_path_in_float32_and_at_a_denormal_outside_mass():
+    """Blocks of float32 rows give EM's optimum; a float64 generalist whose mass outside the
+    group is denormal (the closed form's factor overflows even float64) goes to EM, finite."""
+    p_g, outs, pairs, groups, w = _disjoint_instance(4, dtype=torch.float32)
+    assert _one_specialist_blocks(p_g, outs, pairs, groups, w, 1.0) is not None
+    em = solve_em(p_g, outs, pairs, groups, spec_weights=w, tol=1e-9, max_iter=5000)
+    q = combine(p_g, outs, pairs, groups, spec_weights=w)
+    assert q.dtype == torch.float32 and torch.allclose(q, em.q, rtol=0, atol=1e-6)
+    logits = torch.tensor([[2.0, 1.0, 0.5] + [-716.0] * 5], dtype=torch.float64)
+    p_g = torch.softmax(logits, 1)  # G about 5e-312
+    groups = GroupIndex.from_lists([[0, 1, 2], [3, 4, 5, 6, 7]], n_classes=8)
+    pairs = gate(p_g, groups, 1)
+    spec = [torch.tensor([[0.2, 0.1, 0.1, 0.6]], dtype=torch.float64)]
+    assert _one_specialist_blocks(p_g, spec, pairs, groups, None, 1.0) is None
+    for s in (spec, spec[0]):
+        q = combine(p_g, s, pairs, groups)
+        assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(1, dtype=q.dtype))
 
 
 def test_the_closed_form_at_its_edges():
