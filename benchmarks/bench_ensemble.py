@@ -357,7 +357,7 @@ def main() -> None:
                 f"{r['stacked_s'] / r['one_by_one_s']:.2f}"
             )
     if students:
-        print("\nthe distilled student (best of the same number of tries):\n")
+        print("\nthe distilled student against the generalist, both through predict_proba:\n")
         print("\n".join(students))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
