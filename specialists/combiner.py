@@ -365,16 +365,18 @@ def _one_specialist_blocks(
     lengths = torch.tensor([len(b) for b in blocks], dtype=torch.long)
     if int(lengths.sum()) != rows.numel():
         return None
-    ends = lengths.cumsum(0)
-    first, last = pairs.specs[ends - lengths].tolist(), pairs.specs[ends - 1].tolist()
+    specs = pairs.specs
+    first = specs[lengths.cumsum(0).to(specs.device) - lengths.to(specs.device)]
+    if not torch.equal(torch.repeat_interleave(first, lengths.to(specs.device)), specs):
+        return None  # a block that mixes specialists
     device = p_g.device
     rows = rows.to(device)
     members, offsets = groups.members.to(device), groups.offsets.tolist()
     out = p_g.index_select(0, rows)  # (A, K) the rows in pair order
     start = 0
-    for block, m, m_last in zip(blocks, first, last):
+    for block, m in zip(blocks, first.tolist()):
         n = len(block)
-        if m_last != m or block.shape[1] != offsets[m + 1] - offsets[m] + 1:
+        if block.shape[1] != offsets[m + 1] - offsets[m] + 1:
             return None
         cls = members[offsets[m] : offsets[m + 1]]
         pg = out[start : start + n]  # (n, K) a view

@@ -371,6 +371,29 @@ def test_the_ensemble_path_in_float32_and_at_a_denormal_outside_mass():
         assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(1, dtype=q.dtype))
 
 
+def test_a_block_that_mixes_specialists_is_read_pair_by_pair():
+    """Blocks are any split of the pairs' rows: one holding pairs of two specialists (groups of
+    equal size) gives what the pairs give one by one."""
+    from specialists.gating import ActivePairs
+
+    groups = GroupIndex.from_lists([[0, 1], [2, 3]], n_classes=5)
+    torch.manual_seed(5)
+    p_g = torch.softmax(torch.randn(3, 5, dtype=torch.float64), 1)
+    pairs = ActivePairs(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]))
+    spec = torch.softmax(torch.randn(3, 3, dtype=torch.float64), 1)
+    assert _one_specialist_blocks(p_g, [spec], pairs, groups, None, 1.0) is None
+    q = combine(p_g, [spec], pairs, groups)
+    assert torch.allclose(q, combine(p_g, spec, pairs, groups), rtol=0, atol=1e-12)
+    for row, m in ((0, 0), (1, 1), (2, 0)):  # row by row, each with its own specialist
+        one = combine(
+            p_g[row : row + 1],
+            [spec[row : row + 1]],
+            ActivePairs(torch.tensor([0]), torch.tensor([m])),
+            groups,
+        )
+        assert torch.allclose(q[row], one[0], rtol=0, atol=1e-12)
+
+
 def test_the_closed_form_at_its_edges():
     # a group of every class: no mass outside it, so EM (which drops that dustbin) decides
     every = GroupIndex.from_lists([list(range(7))], n_classes=7)
