@@ -94,11 +94,18 @@ def with_specialists(run: Path, mode: str, out: Path) -> Path:
     return dest
 
 
-def trained_share(arch: str, mode: str) -> float:
-    model = create_model(arch, 10)
-    _set_trainable(model, mode)
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) / total
+def trained_share(ens: Ensemble, mode: str) -> float:
+    """The share of the specialists' weights that ``--trainable mode`` trains, over the
+    ensemble's specialists as they are (their heads as wide as their groups plus the dustbin)."""
+    trained = total = 0
+    for rec in ens.specialists:
+        model = create_model(
+            rec.architecture, len(rec.classes) + 1, ens.record.in_chans, rec.size(ens.record)
+        )
+        _set_trainable(model, mode)
+        total += sum(p.numel() for p in model.parameters())
+        trained += sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trained / total
 
 
 def stacked_vs_one_by_one(ens: Ensemble, images: np.ndarray, tries: int) -> tuple[float, float]:
@@ -194,7 +201,7 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
         "classes": ens.record.n_classes,
         "specialists": len(ens.specialists),
         "shared": len(ens.trunks),
-        "trained_share": trained_share(ens.record.architecture, mode),
+        "trained_share": trained_share(ens, mode),
         "consulted": float(np.mean([len(c) for c in out.consulted])),
         "generalist_acc": float((out.p_g.argmax(1) == labels).mean()),
         "ensemble_acc": float((out.q.argmax(1) == labels).mean()),
