@@ -46,7 +46,7 @@ from specialists.combination import Combination
 from specialists.config import load_config_file, write_config
 from specialists.data import DataSource
 from specialists.ensemble import Ensemble
-from specialists.evaluate import images_per_second
+from specialists.evaluate import paired_tries
 from specialists.models import create_model, predict_proba
 from specialists.run import RunDir
 from specialists.sources import load_data
@@ -154,23 +154,6 @@ def stacked_vs_one_by_one(ens: Ensemble, images: np.ndarray, tries: int) -> tupl
     return a, b
 
 
-def paired_throughput(ens: Ensemble, images: np.ndarray, tries: int) -> list[tuple[float, float]]:
-    """(generalist, ensemble) images per second, ``tries`` times: each try times both back to
-    back, in alternating order, so that a slow spell of the machine falls on both."""
-    ens.generalist_proba(images[: ens.batch_size])  # warm-up: both paths, every specialist
-    ens.run_batch(images)
-    out = []
-    for i in range(tries):
-        seconds = {}
-        for name in ("generalist", "ensemble") if i % 2 == 0 else ("ensemble", "generalist"):
-            run = ens.generalist_proba if name == "generalist" else ens.run_batch
-            t = time.perf_counter()
-            run(images)
-            seconds[name] = time.perf_counter() - t
-        out.append((len(images) / seconds["generalist"], len(images) / seconds["ensemble"]))
-    return out
-
-
 def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
     comb = Combination(top_n=args.top_n)
     ens = Ensemble.load(run, combination=comb)
@@ -178,12 +161,15 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
     images, labels = bundle.test.images, bundle.test.labels
     out = ens.run_batch(images)
     timed = images[: args.images]
-    pairs = paired_throughput(ens, timed, args.tries)
+    pairs = paired_tries(ens.generalist_proba, ens.predict_proba, timed, args.tries)
     g, e = max(p[0] for p in pairs), max(p[1] for p in pairs)
     per_try = [e_i / g_i for g_i, e_i in pairs]
     budget = ens.wave_bytes
     ens.wave_bytes = 0  # one batch at a time
-    one_batch = [e_i / g_i for g_i, e_i in paired_throughput(ens, timed, args.tries)]
+    one_batch = [
+        e_i / g_i
+        for g_i, e_i in paired_tries(ens.generalist_proba, ens.predict_proba, timed, args.tries)
+    ]
     ens.wave_bytes = budget
     wave = timed[: ens.wave_size(len(timed))]
     stages = ens.profile(wave, repeats=args.tries)
@@ -227,7 +213,7 @@ def measure(run: Path, mode: str, args: argparse.Namespace) -> dict:
         },
     }
     nhwc = Ensemble.load(run, combination=comb, channels_last=True)
-    pairs = paired_throughput(nhwc, timed, args.tries)
+    pairs = paired_tries(nhwc.generalist_proba, nhwc.predict_proba, timed, args.tries)
     g2, e2 = max(p[0] for p in pairs), max(p[1] for p in pairs)
     ratio = float(np.median([e_i / g_i for g_i, e_i in pairs]))
     row["channels_last"] = {"generalist": g2 / g, "ensemble": e2 / e, "ratio": ratio}
@@ -251,11 +237,7 @@ def student_vs_generalist(run: Path, args: argparse.Namespace) -> str | None:
     def generalist(x: np.ndarray) -> np.ndarray:  # the same way, as the model itself
         return predict_proba(ens.generalist, x, transform=ens.transform, device=ens.device)
 
-    pairs = []  # back to back, in alternating order, as the ensemble's tries
-    for i in range(args.tries):
-        order = (generalist, student) if i % 2 == 0 else (student, generalist)
-        speed = {fn: images_per_second(fn, images, 1) for fn in order}
-        pairs.append((speed[generalist], speed[student]))
+    pairs = paired_tries(generalist, student, images, args.tries)
     g, s = max(p[0] for p in pairs), max(p[1] for p in pairs)
     ratios = [s_i / g_i for g_i, s_i in pairs]
     return (

@@ -27,6 +27,7 @@ __all__ = [
     "format_metrics",
     "images_per_second",
     "paired_speed",
+    "paired_tries",
     "plot_coverage",
     "student_rows",
 ]
@@ -195,13 +196,26 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_tries(first, second, images: np.ndarray, tries: int = 3) -> list[tuple[float, float]]:
+    """Images per second of two predictors (uint8 images -> probabilities) on ``images``, one
+    pair per try: each try times both back to back, in alternating order, so that a slow spell
+    of the machine falls on both (one pass of a small model lasts a fraction of a second, and a
+    single one swings by tens of percent with whatever else runs)."""
+    out = []
+    for i in range(tries):
+        if i % 2 == 0:
+            a = images_per_second(first, images)
+            b = images_per_second(second, images)
+        else:
+            b = images_per_second(second, images)
+            a = images_per_second(first, images)
+        out.append((a, b))
+    return out
+
+
 def paired_speed(first, second, images: np.ndarray, tries: int = 3) -> tuple[float, float]:
-    """Images per second of two predictors (uint8 images -> probabilities) on ``images``, timed
-    alternately ``tries`` times, the best of each: one pass of a small model lasts a fraction
-    of a second, and a single one swings by tens of percent with whatever else runs."""
-    times = [
-        (images_per_second(first, images), images_per_second(second, images)) for _ in range(tries)
-    ]
+    """``paired_tries``, the best of each."""
+    times = paired_tries(first, second, images, tries)
     return max(a for a, _ in times), max(b for _, b in times)
 
 
